@@ -1,0 +1,32 @@
+"""jaxmerge: model merging (TIES, DARE, task arithmetic) as pure, jitted JAX functions.
+
+Every function of `peft.utils.merge_utils` (PEFT 0.21) under the same name, with
+the same arguments; random methods take an explicit keyword-only `key`.
+"""
+
+from jaxmerge.merging import (
+    dare_linear,
+    dare_ties,
+    magnitude_prune,
+    reshape_weight_task_tensors,
+    task_arithmetic,
+    ties,
+)
+from jaxmerge.pruning import magnitude_based_pruning, prune, random_pruning
+from jaxmerge.sign import calculate_majority_sign_mask, disjoint_merge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "calculate_majority_sign_mask",
+    "dare_linear",
+    "dare_ties",
+    "disjoint_merge",
+    "magnitude_based_pruning",
+    "magnitude_prune",
+    "prune",
+    "random_pruning",
+    "reshape_weight_task_tensors",
+    "task_arithmetic",
+    "ties",
+]

@@ -1,0 +1,121 @@
+"""Sparsify one task tensor: keep its largest-magnitude entries, or a random subset.
+
+Magnitude pruning is the "trim" step of TIES-Merging (Yadav et al., 2023,
+arXiv:2306.01708); random pruning with rescaling is the "drop and rescale" of
+DARE (Yu et al., 2023, "Language Models are Super Mario", arXiv:2311.03099).
+Semantics follow `peft.utils.merge_utils` (PEFT 0.21).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxmerge import _validation as v
+from jaxmerge._dtypes import compute_dtype
+from jaxmerge.selection import density_to_k, keep_top_k_magnitude
+
+
+def random_mask(key: jax.Array, density, shape) -> jax.Array:
+    """Keep-mask for DARE: each entry kept with probability `density`.
+
+    This is exactly `jax.random.bernoulli(key, density, shape)`, so a user can
+    reproduce any mask jaxmerge draws with that one call.
+    """
+    return jax.random.bernoulli(key, jnp.asarray(density, jnp.float32), shape)
+
+
+def drop_and_rescale(x: jax.Array, density, key: jax.Array, rescale: bool) -> jax.Array:
+    """Random pruning of one tensor (traceable; no validation). See `random_pruning`."""
+    kept = jnp.where(random_mask(key, density, x.shape), x, jnp.zeros((), x.dtype))
+    if not rescale:
+        return kept
+    cd = compute_dtype(x.dtype)
+    d = jnp.asarray(density, cd)
+    # density == 0 keeps nothing; return zeros rather than PEFT's 0/0 = NaN.
+    inverse = jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1), 0)
+    return (kept.astype(cd) * inverse).astype(x.dtype)
+
+
+@jax.jit
+def _magnitude_kernel(x, k):
+    return keep_top_k_magnitude(x, k)
+
+
+@functools.partial(jax.jit, static_argnames=("rescale",))
+def _random_kernel(x, density, key, rescale):
+    return drop_and_rescale(x, density, key, rescale)
+
+
+def magnitude_based_pruning(tensor: jax.Array, density: float) -> jax.Array:
+    """Keep the `int(density * tensor.size)` entries of largest magnitude, zero the rest.
+
+    Exactly k entries are kept; ties at the threshold keep the lowest flat
+    indices. Runs in linear time (no sort, no top_k): see `jaxmerge.selection`.
+
+    Args:
+      tensor: the tensor to prune (float; integers are promoted to float32).
+      density: fraction of entries to keep, in [0, 1]. May be traced.
+
+    Returns:
+      The pruned tensor, same shape and dtype.
+    """
+    x = v.as_float_array(tensor, "tensor")
+    v.check_density(density)
+    return _magnitude_kernel(x, density_to_k(density, x.size))
+
+
+def random_pruning(tensor: jax.Array, density: float, rescale: bool, *, key: jax.Array) -> jax.Array:
+    """Keep each entry with probability `density` (DARE's drop), optionally rescaled by 1/density.
+
+    Args:
+      tensor: the tensor to prune.
+      density: keep probability in [0, 1]. May be traced.
+      rescale: divide the kept entries by `density` to preserve the expectation.
+        At density 0 the result is zeros (PEFT returns NaN there, from 0/0).
+      key: a `jax.random.key`; the mask is `jax.random.bernoulli(key, density, tensor.shape)`.
+
+    Returns:
+      The pruned tensor, same shape and dtype.
+    """
+    x = v.as_float_array(tensor, "tensor")
+    v.check_density(density)
+    key = v.check_key(key)
+    return _random_kernel(x, density, key, bool(rescale))
+
+
+def prune(
+    tensor: jax.Array,
+    density: float,
+    method: Literal["magnitude", "random"],
+    rescale: bool = False,
+    *,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Prune `tensor` by `method` ("magnitude" or "random"), as PEFT's `prune`.
+
+    A concrete density >= 1 returns the tensor unchanged, with a warning.
+
+    Args:
+      tensor: the tensor to prune.
+      density: fraction to keep, in [0, 1].
+      method: "magnitude" (`magnitude_based_pruning`) or "random" (`random_pruning`).
+      rescale: with "random", divide by density.
+      key: required with "random".
+
+    Returns:
+      The pruned tensor.
+    """
+    v.check_choice("method", method, v.PRUNE_METHODS)
+    x = v.as_float_array(tensor, "tensor")
+    if method == "random":
+        key = v.check_key(key)
+    v.check_density(density)
+    if v.is_concrete(density) and float(density) >= 1:
+        return x
+    if method == "magnitude":
+        return _magnitude_kernel(x, density_to_k(density, x.size))
+    return _random_kernel(x, density, key, bool(rescale))
