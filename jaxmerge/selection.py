@@ -19,9 +19,8 @@ search over the float bit patterns instead:
   holds NaN, an integer count of the bit patterns is used.
 
 Ties at the threshold are broken towards the lowest flat index, so exactly k
-entries are kept. A prefix count over the tied entries does that; it runs only
-when ties at a non-zero threshold exist (`lax.cond`). Ties at zero need no
-break: keeping a zero or dropping it gives the same tensor.
+entries are kept. Per-row tie counts and a prefix sum inside one row find the
+cut; this runs only when ties exist (`lax.cond`).
 
 Counts are unsigned 32-bit (64-bit with x64), exact for tensors of up to
 2**32 - 1 entries, past the 2**31 limit of a signed count.
@@ -274,7 +273,13 @@ def _tie_cut_index(a, threshold, k, layout: _BitLayout):
     rows = _as_rows(a.reshape(-1))
     fast_ok = _max_bits(rows, layout) <= layout.inf_bits
     above = row_counts_at_least(rows, threshold + 1, layout, fast_ok)
-    tied = row_counts_at_least(rows, threshold, layout, fast_ok) - above
+    # Every entry is >= 0, so at threshold 0 the whole row counts.
+    at_least = lax.cond(
+        threshold == 0,
+        lambda: jnp.full(rows.shape[:1], rows.shape[1], cdt),
+        lambda: row_counts_at_least(rows, jnp.maximum(threshold, 1), layout, fast_ok),
+    )
+    tied = at_least - above
     need = k - above.sum(dtype=cdt)  # tied entries to keep, >= 1
     tied_before = jnp.cumsum(tied, dtype=cdt) - tied
     row = jnp.sum(tied_before < need, dtype=jnp.int32) - 1
@@ -323,10 +328,9 @@ def top_k_magnitude_mask(x: jax.Array, k) -> jax.Array:
 
     def select():
         threshold, count_ge = kth_largest_magnitude_bits(a, jnp.maximum(k, 1))
-        # Ties at zero need no break: keeping any subset of zeros gives the same tensor.
-        needs_tie_break = (count_ge > k) & (threshold > 0)
+        needs_tie_break = count_ge > k
         cut = lax.cond(needs_tie_break, lambda: _tie_cut_index(a, threshold, k, layout), lambda: never)
-        return jnp.maximum(threshold, 1), cut
+        return threshold, cut
 
     def trivial():
         # k == n keeps everything (threshold 0); k == 0 keeps nothing (above any pattern).

@@ -1,0 +1,87 @@
+"""Shared test helpers: PEFT as the reference, inputs, and tolerant comparisons."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+# Tests run on the CPU unless a GPU test asks otherwise; keep XLA from grabbing all memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+SHAPES = [(1,), (7,), (33, 65), (2, 3, 4), (4, 3, 5, 5)]
+DENSITIES = [0.0, 1e-3, 0.1, 0.5, 0.9, 0.999, 1.0]
+FLOAT_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def torch_dtype(dtype):
+    import torch
+
+    return {
+        jnp.dtype(jnp.float32): torch.float32,
+        jnp.dtype(jnp.bfloat16): torch.bfloat16,
+        jnp.dtype(jnp.float16): torch.float16,
+        jnp.dtype(jnp.float64): torch.float64,
+    }[jnp.dtype(dtype)]
+
+
+def to_torch(x):
+    """A torch copy of a JAX/NumPy array (through float32 for bfloat16, which NumPy lacks)."""
+    import torch
+
+    arr = jnp.asarray(x)
+    return torch.from_numpy(np.asarray(arr.astype(jnp.float32))).to(torch_dtype(arr.dtype))
+
+
+def to_numpy(t):
+    """float64 NumPy copy of a torch tensor or JAX array."""
+    if hasattr(t, "detach"):
+        return t.detach().float().double().numpy() if t.dtype != __import__("torch").float64 else t.numpy()
+    return np.asarray(jnp.asarray(t).astype(jnp.float32)).astype(np.float64)
+
+
+def random_tasks(shape, n_tasks=3, dtype=jnp.float32, seed=0):
+    """Continuous random task tensors: no ties in |x| (with overwhelming probability in float32)."""
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype) for _ in range(n_tasks)]
+
+
+def distinct_magnitude_tasks(shape, n_tasks=3, dtype=jnp.bfloat16, seed=0):
+    """Task tensors whose magnitudes are distinct representable values of `dtype`.
+
+    Random half-precision tensors tie at the pruning threshold, where PEFT's
+    topk picks arbitrarily; distinct magnitudes make the selection unambiguous.
+    """
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape))
+    grid = np.unique(np.asarray(jnp.asarray(np.geomspace(1e-4, 1e4, 400_000), jnp.float32).astype(dtype).astype(jnp.float32)))
+    assert grid.size >= size, "not enough distinct values for this shape"
+    tasks = []
+    for _ in range(n_tasks):
+        values = rng.choice(grid, size, replace=False) * rng.choice([-1.0, 1.0], size)
+        tasks.append(jnp.asarray(values.reshape(shape).astype(np.float32)).astype(dtype))
+    return tasks
+
+
+def assert_same_magnitude_selection(ours, theirs, x, k):
+    """Both prunings keep k entries and may differ only among entries tied at the threshold."""
+    ours, theirs, x = (np.asarray(to_numpy(a)) for a in (ours, theirs, x))
+    kept_ours, kept_theirs = ours != 0, theirs != 0
+    a = np.abs(x)
+    nonzero = np.count_nonzero(a)
+    assert kept_ours.sum() == min(k, nonzero) or kept_ours.sum() <= k
+    differ = kept_ours != kept_theirs
+    if differ.any():
+        threshold = np.sort(a.ravel())[::-1][k - 1]
+        assert np.all(a[differ] == threshold), "selections differ away from the threshold"
+    both = kept_ours & kept_theirs
+    np.testing.assert_array_equal(ours[both], theirs[both])
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)

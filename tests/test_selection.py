@@ -1,0 +1,133 @@
+"""Exact linear-time top-k by magnitude (jaxmerge.selection)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from jaxmerge import selection
+from jaxmerge._dtypes import count_dtype
+
+mask_fn = jax.jit(selection.top_k_magnitude_mask)
+
+
+def reference_mask(x, k):
+    """Stable descending sort of |x|: ties keep the lowest flat index, NaN ranks above inf."""
+    a = np.abs(np.asarray(x, dtype=np.float64)).ravel()
+    a = np.where(np.isnan(a), np.inf, a)
+    # NaN above inf: rank key (is_nan, value)
+    nan = np.isnan(np.abs(np.asarray(x, np.float64)).ravel())
+    order = np.lexsort((np.arange(a.size), -a, ~nan))
+    mask = np.zeros(a.size, bool)
+    mask[order[:k]] = True
+    return mask.reshape(np.shape(x))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 65), (4, 3, 5, 5), (1000, 1001), (3, 4099)])
+@pytest.mark.parametrize("density", [0.0, 1e-3, 0.1, 0.5, 0.9, 0.999, 1.0])
+def test_exact_count_and_largest_magnitudes(shape, density):
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    k = int(density * x.size)
+    np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
+
+
+@pytest.mark.parametrize(
+    "values, k",
+    [
+        ([1, 2, 2, 2, 3, 0, 0, -2], 3),  # ties at the threshold: lowest indices kept
+        ([5, -5, 5, -5, 5], 2),  # all tied
+        ([0.0] * 10, 4),  # all zero
+        ([np.nan, 1, np.inf, -5, 0], 2),  # NaN ranks first, then inf (as torch.topk)
+        ([1e-45, 2.8e-45, 1e-40, 0, 0], 2),  # subnormals (XLA:CPU flushes them in float ops)
+        ([1e-45, 1e-45, 1e-40, 0, 0], 2),  # tied subnormals
+        ([-3.0e38, 3.0e38, 1.0, -np.inf], 2),  # extremes
+    ],
+)
+def test_edge_values(values, k):
+    x = np.array(values, np.float32)
+    np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
+
+
+def test_many_ties_in_a_large_tensor():
+    # bfloat16-like data: few distinct values, ties everywhere; the tie break crosses rows.
+    rng = np.random.default_rng(2)
+    x = rng.integers(-20, 20, size=(512, 700)).astype(np.float32)
+    for density in (0.1, 0.37, 0.5, 0.93):
+        k = int(density * x.size)
+        np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r, n: r.standard_normal(n),
+        lambda r, n: r.laplace(size=n),
+        lambda r, n: r.standard_t(2, n),
+        lambda r, n: np.where(r.random(n) < 0.5, 0, r.standard_normal(n)),
+        lambda r, n: r.standard_normal(n) * 1e-30,  # below the fast-count range
+        lambda r, n: np.linspace(-1, 1, n),
+        lambda r, n: (r.standard_normal((n // 64, 4)) @ r.standard_normal((4, 64))).ravel(),  # LoRA B @ A
+    ],
+    ids=["normal", "laplace", "student2", "half_zero", "tiny", "ramp", "low_rank"],
+)
+def test_search_on_weight_like_distributions(make):
+    x = make(np.random.default_rng(3), 64 * 4096).astype(np.float32)
+    for density in (1e-3, 0.2, 0.5, 0.9, 0.999):
+        k = int(density * x.size)
+        np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    x=hnp.arrays(
+        np.float32,
+        st.sampled_from([(5,), (17,), (8, 9), (300,)]),
+        elements=st.floats(-1e6, 1e6, width=32, allow_subnormal=True),
+    ),
+    density=st.floats(0, 1),
+)
+def test_property_matches_stable_sort(x, density):
+    k = int(density * x.size)
+    np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
+
+
+def test_traced_k_and_keep_values():
+    x = np.random.default_rng(4).standard_normal((64, 64)).astype(np.float32)
+    f = jax.jit(selection.keep_top_k_magnitude)
+    for k in (0, 1, 100, 4096):
+        out = np.asarray(f(x, k))
+        np.testing.assert_array_equal(out, np.where(reference_mask(x, k), x, 0))
+
+
+def test_density_to_k_matches_python_float_arithmetic():
+    # PEFT computes k = int(density * numel) in Python floats; a float32 product can differ.
+    for n in (10, 999_999_937, 3_000_000_000, 2**32 - 1):
+        for d in (0.1, 0.2, 1 / 3, 0.7, 0.999999):
+            assert int(selection.density_to_k(d, n)) == int(d * n), (d, n)
+
+
+def test_counts_past_2_pow_31_are_exact():
+    """Counting arithmetic beyond a signed 32-bit count, proved on the arithmetic alone.
+
+    A 2**31-entry tensor does not fit this 24 GiB test machine next to its
+    temporaries, so this checks the two places where counts accumulate: row sums
+    of 0/1 (float, exact per row) added up in `count_dtype()`, and k itself.
+    """
+    cdt = count_dtype()
+    assert cdt in (jnp.uint32, jnp.uint64)
+    # 200 rows of 16384*1024 ones each = 3.36e9 > 2**31 - 1.
+    row_sums = jnp.full((200,), 16384.0 * 1024, jnp.float32)
+    total = jax.jit(lambda r: r.astype(cdt).sum(dtype=cdt))(row_sums)
+    assert int(total) == 200 * 16384 * 1024
+    # The search's bracket update compares counts near 2**32 correctly.
+    k = jnp.asarray(3_000_000_000, cdt)
+    assert bool(jnp.asarray(3_000_000_001, cdt) >= k) and not bool(jnp.asarray(2_999_999_999, cdt) >= k)
+    assert float(selection._signed_diff(jnp.asarray(2**31 + 5, cdt), k)) == pytest.approx(2**31 + 5 - 3e9)
+
+
+def test_too_large_for_the_count_type_is_refused():
+    with pytest.raises(ValueError, match="larger than"):
+        selection.top_k_magnitude_mask(jax.ShapeDtypeStruct((2**16, 2**16), jnp.float32), 1)
