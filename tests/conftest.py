@@ -34,7 +34,7 @@ def to_torch(x):
     import torch
 
     arr = jnp.asarray(x)
-    return torch.from_numpy(np.asarray(arr.astype(jnp.float32))).to(torch_dtype(arr.dtype))
+    return torch.from_numpy(np.array(arr.astype(jnp.float32))).to(torch_dtype(arr.dtype))
 
 
 def to_numpy(t):
