@@ -1,0 +1,5 @@
+import sys
+
+from jaxmerge.cli import main
+
+sys.exit(main())

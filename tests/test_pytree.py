@@ -1,0 +1,65 @@
+"""merge_params: whole pytrees through the core."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmerge as jm
+from jaxmerge.pytree import merge_params, path_key
+
+
+def trees(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    make = lambda: {"dense": {"w": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
+                              "b": jnp.asarray(rng.standard_normal(6), jnp.float32)},
+                    "step": jnp.asarray(7)}
+    return [make() for _ in range(n)], make()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties"])
+def test_each_leaf_equals_the_core_on_task_vectors(method):
+    models, base = trees()
+    w = [1.0, 0.5, -0.3]
+    key = jax.random.key(4)
+    merged = merge_params(models, w, method=method, base=base, density=0.5, key=key)
+    for path, name in ((("dense", "w"), "['dense']['w']"), (("dense", "b"), "['dense']['b']")):
+        leaf = lambda t: t[path[0]][path[1]]
+        tasks = [leaf(m) - leaf(base) for m in models]
+        kwargs = {"key": path_key(key, name)} if method.startswith("dare") else {}
+        args = (tasks, w) if method == "task_arithmetic" else (tasks, w, 0.5)
+        expected = leaf(base) + getattr(jm, method)(*args, **kwargs)
+        np.testing.assert_allclose(np.asarray(leaf(merged)), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    assert int(merged["step"]) == 7
+
+
+def test_leaf_keys_do_not_depend_on_other_leaves():
+    models, _ = trees()
+    key = jax.random.key(0)
+    full = merge_params(models, [1.0] * 3, method="dare_linear", density=0.5, key=key)
+    only_w = merge_params([{"dense": {"w": m["dense"]["w"]}} for m in models], [1.0] * 3, method="dare_linear", density=0.5, key=key)
+    np.testing.assert_array_equal(np.asarray(full["dense"]["w"]), np.asarray(only_w["dense"]["w"]))
+
+
+def test_structure_mismatch_names_the_path():
+    models, base = trees()
+    broken = dict(models[1], dense={"w": models[1]["dense"]["w"], "bias": models[1]["dense"]["b"]})
+    with pytest.raises(ValueError, match=r"trees\[1\].*\['dense'\]\['bias'\]"):
+        merge_params([models[0], broken], [1.0, 1.0], method="task_arithmetic")
+    with pytest.raises(ValueError, match="density is required"):
+        merge_params(models, [1.0] * 3, method="ties")
+    with pytest.raises(ValueError, match="key is required"):
+        merge_params(models, [1.0] * 3, method="dare_ties", density=0.5)
+    with pytest.raises(ValueError, match=r"method.*'average'"):
+        merge_params(models, [1.0] * 3, method="average")
+
+
+def test_flax_and_equinox_style_trees():
+    pytest.importorskip("flax")
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    models = [nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(i)), nnx.Param) for i in range(3)]
+    merged = merge_params(models, [1.0, 1.0, 1.0], method="ties", density=0.5)
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(models[0])
+    del rngs
