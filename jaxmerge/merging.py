@@ -12,7 +12,7 @@ value (sweeping densities compiles once per shape and dtype).
 
 Key derivation for DARE: task i is pruned with
 `jax.random.split(key, num_tasks)[i]`, i.e. its mask is
-`jax.random.bernoulli(jax.random.split(key, num_tasks)[i], density, shape)`.
+`jaxmerge.pruning.random_mask(jax.random.split(key, num_tasks)[i], density, shape)`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import torch
 from peft.utils import merge_utils as peft
 
 import jaxmerge as jm
+from jaxmerge import pruning
 from conftest import (
     DENSITIES,
     FLOAT_DTYPES,
@@ -97,12 +98,21 @@ def test_random_pruning_is_reproducible_and_key_dependent():
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
-def test_random_pruning_mask_is_documented_bernoulli():
-    (x,) = random_tasks((64, 64), 1)
+def test_random_pruning_mask_is_the_documented_derivation():
+    (x,) = random_tasks((63, 65), 1)  # odd size: the last word's high half goes unused
     key = jax.random.key(7)
     out = jm.random_pruning(x, 0.4, False, key=key)
-    mask = jax.random.bernoulli(key, 0.4, x.shape)
+    n = x.size
+    words = np.asarray(jax.random.bits(key, ((n + 1) // 2,), jnp.uint32))
+    halves = np.concatenate([words & 0xFFFF, words >> 16])[:n]
+    mask = (halves < round(0.4 * 65536)).reshape(x.shape)
     np.testing.assert_array_equal(np.asarray(out), np.where(mask, x, 0))
+
+
+def test_random_mask_extremes():
+    key = jax.random.key(0)
+    assert bool(pruning.random_mask(key, 1.0, (1000,)).all())
+    assert not bool(pruning.random_mask(key, 0.0, (1000,)).any())
 
 
 @pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.9])

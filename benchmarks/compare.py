@@ -1,0 +1,173 @@
+"""jaxmerge against PEFT on identical inputs, measured in one run.
+
+    python -m benchmarks.compare                # full table (about 3 minutes on 2 cores)
+    python -m benchmarks.compare --quick        # 1024x1024 only
+    python -m benchmarks.compare --json out.json
+
+For each function and input shape it reports: PEFT's median, jaxmerge's median
+(steady state, after compilation), their ratio, jaxmerge's first call (compile
+included), the ratio to the read-once floor (NumPy sum of the inputs, same
+run), XLA's peak memory for the call (arguments + temporaries + output, from
+the compiled program's memory analysis) relative to the input bytes, and the
+torch interop path's median with the share of the speed-up it keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import date
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmerge
+from jaxmerge import merging
+
+FUNCTIONS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "task_arithmetic"]
+DENSITY = 0.2
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jax_call(name, tasks, weights):
+    args = (tasks, weights) if name == "task_arithmetic" else (tasks, weights, DENSITY)
+    kwargs = {"key": jax.random.key(0)} if name.startswith("dare") else {}
+    return lambda: getattr(jaxmerge, name)(*args, **kwargs).block_until_ready()
+
+
+def torch_call(module, name, tasks, weights):
+    args = (tasks, weights) if name == "task_arithmetic" else (tasks, weights, DENSITY)
+    return lambda: getattr(module, name)(*args)
+
+
+def peak_memory_ratio(name, tasks, weights) -> float:
+    """XLA's memory analysis of the compiled kernel: (arguments + temporaries + output) / input bytes."""
+    sparsify = {"ties": "magnitude", "magnitude_prune": "magnitude", "dare_ties": "random", "dare_linear": "random"}.get(name)
+    sign = "total" if name in ("ties", "dare_ties") else None
+    k = jaxmerge.selection.density_to_k(DENSITY, tasks[0].size)
+    key = jax.random.key(0) if sparsify == "random" else None
+    compiled = merging._merge_kernel.lower(
+        tuple(tasks), jnp.asarray(weights), jnp.float32(DENSITY), k, key, sparsify=sparsify, sign_method=sign
+    ).compile()
+    stats = compiled.memory_analysis()
+    input_bytes = sum(t.nbytes for t in tasks)
+    if stats is None:
+        return float("nan")
+    total = stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+    return total / input_bytes
+
+
+def run(configs, repeats: int, peft_repeats: int, with_interop: bool = True):
+    import torch
+    from peft.utils import merge_utils as peft
+
+    from interop import merge_utils as interop_merge
+
+    rows = []
+    for shape, num_tasks in configs:
+        rng = np.random.default_rng(0)
+        host = [rng.standard_normal(shape).astype(np.float32) for _ in range(num_tasks)]
+        weights = np.linspace(1.0, 0.5, num_tasks).astype(np.float32)
+        if num_tasks == 3:
+            weights = np.array([1.0, 0.5, 0.7], np.float32)
+        tasks = [jnp.asarray(h) for h in host]
+        torch_tasks = [torch.from_numpy(h) for h in host]
+        torch_weights = torch.from_numpy(weights)
+        floor = median_seconds(lambda: sum(host[1:], host[0].copy()), repeats)
+        for name in FUNCTIONS:
+            call = jax_call(name, tasks, weights)
+            start = time.perf_counter()
+            call()
+            first = time.perf_counter() - start
+            ours = median_seconds(call, repeats)
+            theirs = median_seconds(torch_call(peft, name, torch_tasks, torch_weights), peft_repeats)
+            row = {
+                "function": name,
+                "shape": "x".join(map(str, shape)),
+                "tasks": num_tasks,
+                "peft_s": theirs,
+                "jaxmerge_s": ours,
+                "speedup": theirs / ours,
+                "first_call_s": first,
+                "floor_s": floor,
+                "ratio_to_floor": ours / floor,
+                "peak_memory_x_inputs": peak_memory_ratio(name, tasks, weights),
+            }
+            if with_interop:
+                torch.manual_seed(0)
+                via_torch = torch_call(interop_merge, name, torch_tasks, torch_weights)
+                via_torch()
+                row["interop_s"] = median_seconds(via_torch, repeats)
+                row["interop_keeps_speedup"] = (theirs / row["interop_s"]) / (theirs / ours)
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'function':<16}{'shape':>10}{'tasks':>6}{'PEFT s':>9}{'jaxmerge s':>11}{'speedup':>9}"
+    f"{'first s':>9}{'x floor':>9}{'mem x in':>9}{'interop s':>10}{'keeps':>7}"
+)
+
+
+def format_row(r) -> str:
+    interop = f"{r['interop_s']:>10.3f}{100 * r['interop_keeps_speedup']:>6.0f}%" if "interop_s" in r else ""
+    return (
+        f"{r['function']:<16}{r['shape']:>10}{r['tasks']:>6}{r['peft_s']:>9.3f}{r['jaxmerge_s']:>11.3f}"
+        f"{r['speedup']:>8.1f}x{r['first_call_s']:>9.2f}{r['ratio_to_floor']:>9.1f}{r['peak_memory_x_inputs']:>9.2f}"
+        + interop
+    )
+
+
+def machine() -> dict:
+    import torch
+    from peft import __version__ as peft_version
+
+    return {
+        "date": date.today().isoformat(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "torch": torch.__version__,
+        "peft": peft_version,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only 3 tasks of 1024x1024")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats for jaxmerge (median)")
+    parser.add_argument("--peft-repeats", type=int, default=3, help="timed repeats for PEFT (median)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    configs = [((1024, 1024), 3)] if args.quick else [((4096, 4096), 3), ((1024, 1024), 3), ((1024, 1024), 16)]
+    info = machine()
+    print(f"# {info['date']} {info['processor']} x{info['cpu_count']} | jax {info['jax']} ({info['device']}) | torch {info['torch']} | peft {info['peft']} | density {DENSITY}")
+    print(HEADER)
+    rows = run(configs, args.repeats, args.peft_repeats)
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"machine": info, "density": DENSITY, "rows": rows}, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
