@@ -16,6 +16,7 @@ from peft.utils import merge_utils as peft
 
 import jaxmerge as jm
 from jaxmerge.pruning import random_mask
+from conftest import normal_floats
 from conftest import DENSITIES, FLOAT_DTYPES, SHAPES, distinct_magnitude_tasks, random_tasks, to_numpy, to_torch
 
 WEIGHTS = {"positive": [1.0, 0.5, 0.7], "negative": [-1.0, -0.3, -2.0], "mixed": [1.5, 0.0, -0.7]}
@@ -260,13 +261,6 @@ def test_reshape_weight_task_tensors_matches_peft():
     theirs = peft.reshape_weight_task_tensors(torch.zeros(3, 4, 5), torch.tensor([1.0, 2.0, 3.0]))
     assert ours.shape == tuple(theirs.shape) == (3, 1, 1)
     np.testing.assert_array_equal(np.asarray(ours).ravel(), [1, 2, 3])
-
-
-def normal_floats(low, high):
-    """Zero or a float32 of magnitude in [low, high]: XLA flushes subnormal results to zero
-    (a documented difference from PEFT), so inputs stay clear of that range."""
-    magnitude = st.floats(float(np.float32(low)), float(np.float32(high)), width=32)
-    return st.one_of(st.just(0.0), magnitude, magnitude.map(lambda m: -m))
 
 
 @settings(max_examples=40, deadline=None)
