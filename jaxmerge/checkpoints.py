@@ -42,7 +42,7 @@ class MergePlan:
     output: Path
     method: str
     weights: list[float]
-    density: float | None
+    density: float | list[float] | None
     majority_sign_method: str
     seed: int
     tensors: list[TensorInfo]
@@ -115,7 +115,11 @@ def plan_merge(
     if method != "task_arithmetic":
         if density is None:
             raise CheckpointError(f"method {method} needs a density")
-        v.check_density(density)
+        per_model = density if isinstance(density, (list, tuple)) else [density]
+        if isinstance(density, (list, tuple)) and len(per_model) != len(inputs):
+            raise CheckpointError(f"got {len(per_model)} densities for {len(inputs)} inputs")
+        for d in per_model:
+            v.check_density(d)
     output = Path(output)
     sources = [Path(p) for p in inputs] + ([Path(base)] if base else [])
     for src in sources:

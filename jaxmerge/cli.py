@@ -12,6 +12,81 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(quick=args.quick, seed=args.seed, output_dir=args.output_dir)
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxmerge.adapters import COMBINATION_TYPES, merge_lora
+    from jaxmerge.checkpoints import merge_checkpoints, plan_merge
+    from jaxmerge.recipe import Recipe, load_recipe
+    from jaxmerge.safetensors_io import CheckpointError
+
+    try:
+        if len(args.inputs) == 1 and args.inputs[0].endswith((".yaml", ".yml")):
+            recipe = load_recipe(args.inputs[0])
+            # Flags given on the command line override the recipe.
+            for name in ("method", "density", "seed", "base", "output", "max_shard_size", "svd_rank", "svd_clamp"):
+                if getattr(args, name) is not None:
+                    setattr(recipe, name, getattr(args, name))
+            if args.weights is not None:
+                recipe.weights = args.weights
+        else:
+            if args.method is None:
+                raise CheckpointError("--method is required (or give a recipe.yaml)")
+            recipe = Recipe(
+                method=args.method, inputs=args.inputs,
+                weights=args.weights if args.weights is not None else [1.0] * len(args.inputs),
+                density=args.density, seed=args.seed or 0, base=args.base, output=args.output,
+                max_shard_size=args.max_shard_size or "5GB", svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
+            )
+        if args.majority_sign_method is not None:
+            recipe.majority_sign_method = args.majority_sign_method
+        if recipe.output is None:
+            raise CheckpointError("--output is required (or 'output:' in the recipe)")
+        adapters = [Path(p) / "adapter_config.json" for p in recipe.inputs]
+        if any(a.exists() for a in adapters):
+            if not all(a.exists() for a in adapters):
+                raise CheckpointError("inputs mix LoRA adapter directories and checkpoints: merge one kind at a time")
+            if recipe.method not in COMBINATION_TYPES:
+                raise CheckpointError(f"for LoRA adapters --method is a combination type, one of {list(COMBINATION_TYPES)}; got {recipe.method!r}")
+            if isinstance(recipe.density, list):
+                raise CheckpointError("LoRA adapters take one density for all adapters (as PEFT)")
+            if args.dry_run:
+                print(f"merge {len(recipe.inputs)} LoRA adapters with {recipe.method} into {recipe.output} "
+                      f"(weights {recipe.weights}, density {recipe.density}, seed {recipe.seed}); nothing written")
+                return 0
+            merge_lora(
+                recipe.inputs, recipe.weights, recipe.output, combination_type=recipe.method, density=recipe.density,
+                majority_sign_method=recipe.majority_sign_method, svd_rank=recipe.svd_rank,
+                svd_clamp=recipe.svd_clamp, seed=recipe.seed, force=args.force,
+            )
+        else:
+            common = dict(
+                method=recipe.method, weights=recipe.weights, density=recipe.density,
+                majority_sign_method=recipe.majority_sign_method, seed=recipe.seed, base=recipe.base,
+                max_shard_size=recipe.max_shard_size,
+            )
+            if args.dry_run:
+                plan, _, _ = plan_merge(recipe.inputs, recipe.output, **common)
+                if Path(recipe.output).exists() and not args.force:
+                    raise FileExistsError(f"{recipe.output} exists; pass --force to replace it")
+                print(plan.describe())
+                print("dry run: nothing written")
+                return 0
+            merge_checkpoints(recipe.inputs, recipe.output, force=args.force, progress=not args.quiet, **common)
+    except (CheckpointError, ValueError, FileExistsError, TypeError) as err:
+        print(f"jaxmerge merge: error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged into {Path(recipe.output).resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxmerge",
@@ -37,6 +112,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", default="jaxmerge-demo", help="where the plot is written (default ./jaxmerge-demo)"
     )
     demo.set_defaults(run=_demo)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge safetensors checkpoints or PEFT LoRA adapters from disk",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Merge models from disk, tensor by tensor, without loading whole models.\n\n"
+            "INPUTS are checkpoints (a .safetensors file, a sharded checkpoint's directory or its\n"
+            "index JSON) or PEFT LoRA adapter directories (with adapter_config.json), or a single\n"
+            "recipe.yaml (see jaxmerge/recipe.py) whose settings the flags below override.\n\n"
+            "The output appears only when complete (built in a temporary directory beside it);\n"
+            "inputs are opened read-only. The recipe, seed and jaxmerge version are recorded in\n"
+            "the output, so a merge can be repeated bit for bit."
+        ),
+        epilog=(
+            "examples:\n"
+            "  jaxmerge merge ft_a/ ft_b/ ft_c/ --base base/ --method ties --density 0.2 --output merged/\n"
+            "  jaxmerge merge lora_a/ lora_b/ --method dare_ties --weights 1,0.7 --density 0.5 --output lora_merged/\n"
+            "  jaxmerge merge recipe.yaml --dry-run"
+        ),
+    )
+    merge.add_argument("inputs", nargs="+", metavar="INPUT", help="checkpoints, adapter directories, or one recipe.yaml")
+    merge.add_argument(
+        "--method",
+        help="checkpoints: task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune; "
+        "adapters: a LoRA combination type (linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, "
+        "dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd)",
+    )
+    merge.add_argument("--weights", type=_floats, help="one weight per input, comma separated (default: 1 each)")
+    merge.add_argument("--density", type=float, help="fraction of each task vector kept (pruning methods), in [0, 1]")
+    merge.add_argument("--majority-sign-method", choices=["total", "frequency"], help="sign election of ties/dare_ties (default total)")
+    merge.add_argument("--seed", type=int, help="seed of the DARE masks (default 0)")
+    merge.add_argument("--base", help="base checkpoint: task vectors are input - base, the result base + merge")
+    merge.add_argument("--output", help="output directory (created atomically)")
+    merge.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+    merge.add_argument("--svd-rank", type=int, help="rank of the *_svd LoRA types (default: the largest input rank)")
+    merge.add_argument("--svd-clamp", type=float, help="quantile at which *_svd factors are clamped")
+    merge.add_argument("--force", action="store_true", help="replace an existing output")
+    merge.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, dtypes, peak memory); write nothing")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(run=_merge)
     return parser
 
 

@@ -6,6 +6,7 @@ task vector is `tree - base` and the result is `base + merge(task vectors)`.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import _validation as v
-from jaxmerge import merging
+from jaxmerge import merging, pruning
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _RANDOM = ("dare_linear", "dare_ties")
@@ -63,7 +64,8 @@ def merge_leaf(
       weights: one weight per model.
       method: one of `METHODS`.
       base: optional base tensor; the task vectors are then `leaf - base`.
-      density, majority_sign_method, key: as the core functions take them.
+      density: as the core functions take it, or one density per model.
+      majority_sign_method, key: as the core functions take them.
 
     Returns:
       The merged tensor (`base + merged task vectors` when `base` is given), in the leaves' dtype.
@@ -72,12 +74,32 @@ def merge_leaf(
     if base is not None:
         base = jnp.asarray(base)
         tasks = [t - base for t in tasks]
+    if isinstance(density, (list, tuple)):
+        tasks, density = _prune_each(tasks, density, method, key), 1.0
     fn = getattr(merging, method)
     args = (tasks, weights) if method == "task_arithmetic" else (tasks, weights, density)
     if method in ("ties", "dare_ties"):
         args = (*args, majority_sign_method)
-    merged = fn(*args, key=key) if method in _RANDOM else fn(*args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The density")  # density 1 after per-model pruning
+        merged = fn(*args, key=key) if method in _RANDOM else fn(*args)
     return merged if base is None else (base + merged).astype(base.dtype)
+
+
+def _prune_each(tasks, densities, method, key):
+    """Per-model densities (mergekit-style recipes): prune each task with its own density first.
+
+    Uses the same per-task subkeys as the core (`split(key, num_tasks)[i]`), so
+    equal densities give exactly the core's result.
+    """
+    if len(densities) != len(tasks):
+        raise ValueError(f"got {len(densities)} densities for {len(tasks)} models")
+    if method == "task_arithmetic":
+        return tasks
+    if method in _RANDOM:
+        keys = jax.random.split(key, len(tasks))
+        return [pruning.random_pruning(t, d, True, key=k) for t, d, k in zip(tasks, densities, keys)]
+    return [pruning.magnitude_based_pruning(t, d) for t, d in zip(tasks, densities)]
 
 
 def merge_params(

@@ -1,0 +1,189 @@
+"""Streamed checkpoint merging and the `jaxmerge merge` command."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import jaxmerge
+from jaxmerge.checkpoints import merge_checkpoints
+from jaxmerge.pytree import path_key
+from jaxmerge.safetensors_io import Checkpoint, CheckpointError
+
+
+def write_models(root, n=3, seed=0, shapes=None, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    shapes = shapes or {"embed.weight": (50, 16), "layers.0.w": (16, 16), "layers.0.b": (16,)}
+    paths = []
+    for i in range(n):
+        tensors = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+        tensors["position_ids"] = np.arange(10, dtype=np.int64)
+        path = root / f"model{i}.safetensors"
+        save_file(tensors, str(path))
+        paths.append(path)
+    return paths
+
+
+def read_all(path):
+    c = Checkpoint(path)
+    return {name: c.read(name) for name in c.tensors}
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxmerge", "merge", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties"])
+def test_each_tensor_is_the_core_merge_of_task_vectors(tmp_path, method):
+    *models, base = write_models(tmp_path, n=4, dtype=ml_dtypes.bfloat16)
+    w = [1.0, 0.5, -0.7]
+    merge_checkpoints(models, tmp_path / "out", method=method, weights=w, density=0.3, base=base, seed=5, progress=False)
+    out = read_all(tmp_path / "out")
+    inputs = [read_all(m) for m in models]
+    b = read_all(base)
+    for name, merged in out.items():
+        if name == "position_ids":
+            np.testing.assert_array_equal(merged, np.arange(10))
+            continue
+        tasks = [jax.numpy.asarray(t[name]) - jax.numpy.asarray(b[name]) for t in inputs]
+        args = (tasks, w) if method == "task_arithmetic" else (tasks, w, 0.3)
+        kwargs = {"key": path_key(jax.random.key(5), name)} if method.startswith("dare") else {}
+        expected = np.asarray((jax.numpy.asarray(b[name]) + getattr(jaxmerge, method)(*args, **kwargs)).astype(b[name].dtype))
+        assert merged.dtype == b[name].dtype
+        np.testing.assert_array_equal(merged, expected)
+
+
+def test_sharded_output_with_index_and_recorded_recipe(tmp_path):
+    models = write_models(tmp_path)
+    merge_checkpoints(models, tmp_path / "out", method="ties", density=0.5, max_shard_size=2000, progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    for shard in shards:  # the library's own reader accepts every file
+        with safe_open(str(tmp_path / "out" / shard), framework="numpy") as f:
+            meta = f.metadata()
+            assert meta["jaxmerge_version"] == jaxmerge.__version__
+            assert json.loads(meta["jaxmerge_recipe"])["method"] == "ties"
+            for k in f.keys():
+                f.get_tensor(k)
+    # A sharded checkpoint is also a valid input, and merging it again is reproducible.
+    merge_checkpoints([tmp_path / "out"] * 2, tmp_path / "again", method="task_arithmetic", weights=[0.5, 0.5], progress=False)
+    np.testing.assert_array_equal(read_all(tmp_path / "again")["layers.0.w"], read_all(tmp_path / "out")["layers.0.w"])
+
+
+def test_cli_matches_api_and_recipe_with_per_model_density(tmp_path):
+    models = write_models(tmp_path)
+    result = cli(*models, "--method", "dare_ties", "--weights", "1,0.5,0.7", "--density", "0.4", "--seed", "2", "--output", tmp_path / "cli", "--quiet")
+    assert result.returncode == 0, result.stderr
+    merge_checkpoints(models, tmp_path / "api", method="dare_ties", weights=[1, 0.5, 0.7], density=0.4, seed=2, progress=False)
+    a, b = read_all(tmp_path / "cli"), read_all(tmp_path / "api")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "method: ties\ndensity: 0.5\noutput: from_recipe\nmodels:\n"
+        "  - {path: model0.safetensors, weight: 1.0, density: 0.2}\n"
+        "  - {path: model1.safetensors, weight: 0.5}\n"
+        "  - {path: model2.safetensors, weight: 0.7, density: 0.9}\n"
+    )
+    result = cli(recipe, "--quiet")
+    assert result.returncode == 0, result.stderr
+    out = read_all(tmp_path / "from_recipe")
+    inputs = [read_all(m) for m in models]
+    pruned = [jaxmerge.magnitude_based_pruning(t["layers.0.w"], d) for t, d in zip(inputs, (0.2, 0.5, 0.9))]
+    with pytest.warns(UserWarning, match="no pruning"):  # pruned already: ties at density 1
+        expected = jaxmerge.ties(pruned, [1.0, 0.5, 0.7], 1.0)
+    np.testing.assert_array_equal(out["layers.0.w"], np.asarray(expected))
+
+
+def test_dry_run_writes_nothing_and_existing_output_needs_force(tmp_path):
+    models = write_models(tmp_path)
+    result = cli(*models, "--method", "ties", "--density", "0.2", "--output", tmp_path / "out", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "estimated peak memory" in result.stdout and "layers.0.w" in result.stdout and "[16, 16]" in result.stdout
+    assert not (tmp_path / "out").exists()
+    assert cli(*models, "--method", "ties", "--density", "0.2", "--output", tmp_path / "out", "--quiet").returncode == 0
+    first = read_all(tmp_path / "out")["layers.0.w"]
+    again = cli(*models, "--method", "ties", "--density", "0.9", "--output", tmp_path / "out", "--quiet")
+    assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr
+    np.testing.assert_array_equal(read_all(tmp_path / "out")["layers.0.w"], first)
+    assert cli(*models, "--method", "ties", "--density", "0.9", "--output", tmp_path / "out", "--force", "--quiet").returncode == 0
+    assert not np.array_equal(read_all(tmp_path / "out")["layers.0.w"], first)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path):
+    good = write_models(tmp_path)
+    (tmp_path / "bad").mkdir()
+    rng = np.random.default_rng(1)
+    missing = tmp_path / "bad" / "missing.safetensors"
+    save_file({"embed.weight": rng.standard_normal((50, 16)).astype(np.float32), "layers.0.w": rng.standard_normal((16, 16)).astype(np.float32), "position_ids": np.arange(10)}, str(missing))
+    shape = tmp_path / "bad" / "shape.safetensors"
+    save_file({"embed.weight": rng.standard_normal((50, 16)).astype(np.float32), "layers.0.w": rng.standard_normal((16, 8)).astype(np.float32), "layers.0.b": np.zeros(16, np.float32), "position_ids": np.arange(10)}, str(shape))
+    dtype = tmp_path / "bad" / "dtype.safetensors"
+    save_file({"embed.weight": rng.standard_normal((50, 16)).astype(np.float16), "layers.0.w": rng.standard_normal((16, 16)).astype(np.float32), "layers.0.b": np.zeros(16, np.float32), "position_ids": np.arange(10)}, str(dtype))
+    truncated = tmp_path / "bad" / "truncated.safetensors"
+    truncated.write_bytes(good[0].read_bytes()[:-100])
+    cases = [
+        ((good[0], missing), "layers.0.b is missing"),
+        ((good[0], shape), "layers.0.w has shape [16, 8]"),
+        ((good[0], dtype), "embed.weight has dtype F16"),
+        ((good[0], truncated), "truncated"),
+        ((good[0], tmp_path / "nope.safetensors"), "no such file"),
+    ]
+    for inputs, message in cases:
+        result = cli(*inputs, "--method", "task_arithmetic", "--output", tmp_path / "o", "--quiet")
+        assert result.returncode == 2 and message in result.stderr, (message, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    for extra, message in [
+        (["--weights", "1,2,3"], "3 weights for 2 inputs"),
+        (["--method", "average"], "method must be one of"),
+        (["--output", tmp_path / "bad" / "inside"], None),
+    ]:
+        args = [good[0], good[1], "--method", "task_arithmetic", "--output", tmp_path / "o", *extra]
+        result = cli(*args, "--quiet")
+        if message:
+            assert result.returncode == 2 and message in result.stderr, result.stderr
+    inside = cli(tmp_path / "bad", good[0], "--method", "task_arithmetic", "--output", tmp_path / "bad" / "merged")
+    assert inside.returncode == 2 and "inside input" in inside.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _start_slow_merge(tmp_path):
+    shapes = {f"layer{i}.w": (1024, 1024) for i in range(40)}
+    models = write_models(tmp_path, shapes=shapes)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxmerge", "merge", *map(str, models), "--method", "ties", "--density", "0.2", "--output", str(tmp_path / "out"), "--quiet"])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        temps = list(tmp_path.glob(".out.jaxmerge-tmp-*"))
+        if temps and any(temps[0].iterdir()):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the merge never started writing")
+
+
+@pytest.mark.slow
+def test_killed_merge_leaves_no_partial_output(tmp_path):
+    proc = _start_slow_merge(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*")), "SIGTERM left temporary files"
+    # SIGKILL cannot be caught: no output appears, and the next run removes the stale temporary.
+    proc = _start_slow_merge(tmp_path)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not (tmp_path / "out").exists()
+    models = sorted(tmp_path.glob("model*.safetensors"))
+    assert cli(*models, "--method", "task_arithmetic", "--output", tmp_path / "out", "--quiet").returncode == 0
+    assert not list(tmp_path.glob(".out*"))
