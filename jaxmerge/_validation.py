@@ -139,6 +139,15 @@ def as_tasks(task_tensors: Any) -> tuple[jax.Array, ...] | jax.Array:
     )
 
 
+def is_partitioned(*arrays) -> bool:
+    """True when a concrete input spans several devices (static choice of partition-friendly code)."""
+    for a in arrays:
+        for x in a if isinstance(a, tuple) else (a,):
+            if isinstance(x, jax.Array) and is_concrete(x) and len(x.sharding.device_set) > 1:
+                return True
+    return False
+
+
 def num_tasks(tasks: tuple[jax.Array, ...] | jax.Array) -> int:
     return len(tasks) if isinstance(tasks, tuple) else tasks.shape[0]
 

@@ -167,6 +167,7 @@ def merge_checkpoints(
     max_shard_size: str | int = "5GB",
     force: bool = False,
     progress: bool = True,
+    mesh=None,
 ) -> MergePlan:
     """Merge safetensors checkpoints tensor by tensor into `output` (a directory).
 
@@ -181,6 +182,7 @@ def merge_checkpoints(
       max_shard_size: output shard size ("5GB", "500MB", bytes).
       force: replace an existing output.
       progress: show a progress bar over tensors.
+      mesh: optional `jax.sharding.Mesh`: each tensor is sharded over it for the merge.
 
     Returns:
       The executed plan. The output holds model.safetensors (or shards and an
@@ -203,7 +205,7 @@ def merge_checkpoints(
             writer = ShardWriter(tmp / filename, shard, metadata)
             try:
                 for info in shard:
-                    writer.write(info.name, _merge_tensor(info, checkpoints, base_ckpt, plan, key))
+                    writer.write(info.name, _merge_tensor(info, checkpoints, base_ckpt, plan, key, mesh))
                     bar.update(info.nbytes)
                     bar.set_postfix_str(info.name[-40:], refresh=False)
                 writer.close()
@@ -216,7 +218,7 @@ def merge_checkpoints(
     return plan
 
 
-def _merge_tensor(info: TensorInfo, checkpoints, base_ckpt, plan: MergePlan, key) -> np.ndarray:
+def _merge_tensor(info: TensorInfo, checkpoints, base_ckpt, plan: MergePlan, key, mesh) -> np.ndarray:
     leaves = [c.read(info.name) for c in checkpoints]
     base = base_ckpt.read(info.name) if base_ckpt else None
     if info.dtype not in FLOAT_DTYPES:
@@ -228,6 +230,6 @@ def _merge_tensor(info: TensorInfo, checkpoints, base_ckpt, plan: MergePlan, key
     merged = merge_leaf(
         leaves, plan.weights, method=plan.method, base=base, density=plan.density,
         majority_sign_method=plan.majority_sign_method,
-        key=path_key(key, info.name) if plan.method.startswith("dare") else None,
+        key=path_key(key, info.name) if plan.method.startswith("dare") else None, mesh=mesh,
     )
     return np.asarray(merged)

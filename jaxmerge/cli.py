@@ -79,7 +79,12 @@ def _merge(args: argparse.Namespace) -> int:
                 print(plan.describe())
                 print("dry run: nothing written")
                 return 0
-            merge_checkpoints(recipe.inputs, recipe.output, force=args.force, progress=not args.quiet, **common)
+            mesh = None
+            if args.devices is not None:
+                from jaxmerge.sharding import make_mesh
+
+                mesh = make_mesh(args.devices)
+            merge_checkpoints(recipe.inputs, recipe.output, force=args.force, progress=not args.quiet, mesh=mesh, **common)
     except (CheckpointError, ValueError, FileExistsError, TypeError) as err:
         print(f"jaxmerge merge: error: {err}", file=sys.stderr)
         return 2
@@ -149,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
     merge.add_argument("--svd-rank", type=int, help="rank of the *_svd LoRA types (default: the largest input rank)")
     merge.add_argument("--svd-clamp", type=float, help="quantile at which *_svd factors are clamped")
+    merge.add_argument("--devices", type=int, help="shard each tensor over this many devices (JAX's SPMD; checkpoints only)")
     merge.add_argument("--force", action="store_true", help="replace an existing output")
     merge.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, dtypes, peak memory); write nothing")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")

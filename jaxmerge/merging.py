@@ -30,8 +30,8 @@ from jaxmerge.selection import density_to_k, keep_top_k_magnitude
 from jaxmerge.sign import elect_and_merge, sum_tasks
 
 
-@functools.partial(jax.jit, static_argnames=("sparsify", "sign_method"))
-def _merge_kernel(tasks, weights, density, k, key, *, sparsify, sign_method):
+@functools.partial(jax.jit, static_argnames=("sparsify", "sign_method", "partitioned"))
+def _merge_kernel(tasks, weights, density, k, key, *, sparsify, sign_method, partitioned=False):
     """The one merge kernel: sparsify each task, then a weighted sum or TIES' disjoint merge.
 
     Args:
@@ -42,12 +42,13 @@ def _merge_kernel(tasks, weights, density, k, key, *, sparsify, sign_method):
       key: PRNG key (random pruning) or None.
       sparsify: None, "magnitude" or "random".
       sign_method: None for a weighted sum, else "total"/"frequency" for TIES' elect + disjoint merge.
+      partitioned: the tasks are sharded over several devices (see `selection.top_k_magnitude_mask`).
     """
     tasks = v.unstack(tasks)
     out_dtype = tasks[0].dtype
     cd = compute_dtype(out_dtype)
     if sparsify == "magnitude":
-        tasks = [keep_top_k_magnitude(t, k) for t in tasks]
+        tasks = [keep_top_k_magnitude(t, k, partitioned) for t in tasks]
     elif sparsify == "random":
         keys = jax.random.split(key, len(tasks))
         tasks = [drop_and_rescale(t, density, keys[i], rescale=True) for i, t in enumerate(tasks)]
@@ -77,7 +78,8 @@ def _merge(task_tensors, weights, density, key, *, sparsify, sign_method):
             size *= dim
         k = density_to_k(density, size)
     return _merge_kernel(
-        tasks, w, jnp.asarray(density, jnp.float32), k, key, sparsify=sparsify, sign_method=sign_method
+        tasks, w, jnp.asarray(density, jnp.float32), k, key,
+        sparsify=sparsify, sign_method=sign_method, partitioned=v.is_partitioned(tasks),
     )
 
 

@@ -65,9 +65,9 @@ def drop_and_rescale(x: jax.Array, density, key: jax.Array, rescale: bool) -> ja
     return (kept.astype(cd) * inverse).astype(x.dtype)
 
 
-@jax.jit
-def _magnitude_kernel(x, k):
-    return keep_top_k_magnitude(x, k)
+@functools.partial(jax.jit, static_argnames=("partitioned",))
+def _magnitude_kernel(x, k, partitioned=False):
+    return keep_top_k_magnitude(x, k, partitioned)
 
 
 @functools.partial(jax.jit, static_argnames=("rescale",))
@@ -90,7 +90,7 @@ def magnitude_based_pruning(tensor: jax.Array, density: float) -> jax.Array:
     """
     x = v.as_float_array(tensor, "tensor")
     v.check_density(density)
-    return _magnitude_kernel(x, density_to_k(density, x.size))
+    return _magnitude_kernel(x, density_to_k(density, x.size), v.is_partitioned(x))
 
 
 def random_pruning(tensor: jax.Array, density: float, rescale: bool, *, key: jax.Array) -> jax.Array:
@@ -142,5 +142,5 @@ def prune(
     if v.is_concrete(density) and float(density) >= 1:
         return x
     if method == "magnitude":
-        return _magnitude_kernel(x, density_to_k(density, x.size))
+        return _magnitude_kernel(x, density_to_k(density, x.size), v.is_partitioned(x))
     return _random_kernel(x, density, key, bool(rescale))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxmerge import _validation as v
 from jaxmerge import merging, pruning
+from jaxmerge.sharding import shard
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _RANDOM = ("dare_linear", "dare_ties")
@@ -56,6 +57,7 @@ def merge_leaf(
     density: float | None = None,
     majority_sign_method: str = "total",
     key: jax.Array | None = None,
+    mesh=None,
 ) -> jax.Array:
     """Merge one tensor from each model (and an optional base): the unit of every model merge.
 
@@ -66,13 +68,14 @@ def merge_leaf(
       base: optional base tensor; the task vectors are then `leaf - base`.
       density: as the core functions take it, or one density per model.
       majority_sign_method, key: as the core functions take them.
+      mesh: optional `jax.sharding.Mesh`: the tensors are sharded over it first.
 
     Returns:
       The merged tensor (`base + merged task vectors` when `base` is given), in the leaves' dtype.
     """
-    tasks = [jnp.asarray(leaf) for leaf in leaves]
+    tasks = [shard(jnp.asarray(leaf), mesh) for leaf in leaves]
     if base is not None:
-        base = jnp.asarray(base)
+        base = shard(jnp.asarray(base), mesh)
         tasks = [t - base for t in tasks]
     if isinstance(density, (list, tuple)):
         tasks, density = _prune_each(tasks, density, method, key), 1.0
@@ -111,6 +114,7 @@ def merge_params(
     density: float | None = None,
     majority_sign_method: str = "total",
     key: jax.Array | None = None,
+    mesh=None,
 ) -> Any:
     """Merge parameter pytrees leaf by leaf with a jaxmerge method.
 
@@ -124,6 +128,8 @@ def merge_params(
       majority_sign_method: "total" or "frequency" (ties, dare_ties).
       key: `jax.random.key`, required by the DARE methods; leaf keys are
         `path_key(key, path)`.
+      mesh: optional `jax.sharding.Mesh`: each leaf is sharded over it
+        (`jaxmerge.sharding.leaf_sharding`) and merged in place.
 
     Returns:
       A pytree of the structure of `trees[0]`. Non-float leaves (step counters,
@@ -173,6 +179,7 @@ def merge_params(
                 density=density,
                 majority_sign_method=majority_sign_method,
                 key=path_key(key, path) if method in _RANDOM else None,
+                mesh=mesh,
             )
         )
     return jax.tree_util.tree_unflatten(treedef, merged)

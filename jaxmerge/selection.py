@@ -56,11 +56,17 @@ def _row_length(n: int) -> int | None:
 
 
 def _as_rows(a: jax.Array) -> jax.Array:
-    """View the flat magnitudes as rows short enough for exact float row sums.
+    """View the magnitudes as rows short enough for exact float row sums.
 
-    Padding (with zeros, which the fast count never counts) is a copy, so it is
-    used only for sizes without a suitable divisor.
+    A tensor whose last axis has a suitable length keeps its own rows, so a
+    sharded tensor is never re-laid out (which would gather it across
+    devices). Otherwise the flat entries are cut at a divisor of the size;
+    padding (with zeros, which the fast count never counts) is a copy, used
+    only for sizes without one.
     """
+    if a.ndim >= 2 and _MIN_ROW <= a.shape[-1] <= _MAX_ROW:
+        return a.reshape(-1, a.shape[-1])
+    a = a.reshape(-1)
     n = a.size
     length = _row_length(n)
     if length is None:
@@ -111,17 +117,20 @@ def row_counts_at_least(rows, threshold_bits, layout: _BitLayout, fast_ok):
     return lax.cond(use_fast, fast, slow, threshold_bits)
 
 
-def _sample_start(a_flat, k, layout: _BitLayout):
-    """First probe and local density, from a sorted strided sample of 16K entries.
+def _sample_start(rows, n: int, k, layout: _BitLayout):
+    """First probe and local density, from a sorted strided sample of about 16K entries.
+
+    The sample is a strided slice of the rows (no gather), so it partitions
+    with a sharded tensor. Padding zeros may enter it; they only shift the guess.
 
     Returns:
       (bits of the sample's estimate of the k-th largest, estimated number of
       entries per unit of bit pattern near it).
     """
-    n = a_flat.size
-    s = min(n, _SAMPLE_SIZE)
-    idx = np.linspace(0, n - 1, s).astype(np.int64)
-    sample_bits = lax.bitcast_convert_type(jnp.sort(a_flat[idx]), layout.uint)
+    per_axis = int(np.sqrt(_SAMPLE_SIZE))
+    sample = rows[:: max(1, rows.shape[0] // per_axis), :: max(1, rows.shape[1] // per_axis)].reshape(-1)
+    s = sample.size
+    sample_bits = lax.bitcast_convert_type(jnp.sort(sample), layout.uint)
     pos = jnp.round(s * (1 - k.astype(jnp.float32) / np.float32(n))).astype(jnp.int32)
     j = jnp.clip(pos, 0, s - 1)
     j_lo, j_hi = jnp.maximum(j - 32, 0), jnp.minimum(j + 32, s - 1)
@@ -170,8 +179,7 @@ def kth_largest_magnitude_bits(a, k):
     layout = _BitLayout(a.dtype)
     cdt = count_dtype()
     n = a.size
-    a_flat = a.reshape(-1)
-    rows = _as_rows(a_flat)
+    rows = _as_rows(a)
     uint = layout.uint
     max_bits = _max_bits(rows, layout)
     fast_ok = max_bits <= layout.inf_bits
@@ -220,7 +228,7 @@ def kth_largest_magnitude_bits(a, k):
             jax.debug.print("probe t={} c-k={} width={}", t, _signed_diff(c, k), width)
         return lo, c_lo, hi, c_hi, next_t, t, c, density, outside, stall
 
-    start, density = _sample_start(a_flat, k, layout)
+    start, density = _sample_start(rows, n, k, layout)
     zero = jnp.zeros((), uint)
     init = (
         zero, jnp.asarray(n, cdt), max_bits + 1, jnp.zeros((), cdt),
@@ -261,7 +269,7 @@ def kth_largest_magnitude_bits(a, k):
     return lax.switch(branch, (smallest_at_least, largest_below, bracket_closed), None)
 
 
-def _tie_cut_index(a, threshold, k, layout: _BitLayout):
+def _tie_cut_index(a, threshold, k, layout: _BitLayout, partitioned: bool):
     """Flat index P such that the entries tied at `threshold` with index < P are
     exactly the tied entries to keep (the lowest indices come first).
 
@@ -270,7 +278,7 @@ def _tie_cut_index(a, threshold, k, layout: _BitLayout):
     cumsum (170 ms at 16.7M entries on XLA:CPU).
     """
     cdt = count_dtype()
-    rows = _as_rows(a.reshape(-1))
+    rows = _as_rows(a)
     fast_ok = _max_bits(rows, layout) <= layout.inf_bits
     above = row_counts_at_least(rows, threshold + 1, layout, fast_ok)
     # Every entry is >= 0, so at threshold 0 the whole row counts.
@@ -283,8 +291,15 @@ def _tie_cut_index(a, threshold, k, layout: _BitLayout):
     need = k - above.sum(dtype=cdt)  # tied entries to keep, >= 1
     tied_before = jnp.cumsum(tied, dtype=cdt) - tied
     row = jnp.sum(tied_before < need, dtype=jnp.int32) - 1
-    row_bits = lax.dynamic_index_in_dim(lax.bitcast_convert_type(rows, layout.uint), row, 0, keepdims=False)
-    rank_in_row = jnp.cumsum(row_bits == threshold, dtype=cdt)
+    rows_bits = lax.bitcast_convert_type(rows, layout.uint)
+    if partitioned:
+        # A masked sum over rows: a dynamic slice would gather a sharded tensor onto every device.
+        row_ids = lax.broadcasted_iota(jnp.int32, rows.shape, 0)
+        tied_in_row = ((rows_bits == threshold) & (row_ids == row)).sum(axis=0, dtype=cdt)
+    else:
+        # One row's slice: no extra pass over the tensor.
+        tied_in_row = lax.dynamic_index_in_dim(rows_bits, row, 0, keepdims=False) == threshold
+    rank_in_row = jnp.cumsum(tied_in_row, dtype=cdt)
     # Column of the last kept tie, plus one.
     column = jnp.sum(rank_in_row < need - tied_before[row], dtype=cdt) + 1
     return row.astype(cdt) * rows.shape[1] + column
@@ -301,7 +316,7 @@ def _flat_index(shape) -> jax.Array:
     return index
 
 
-def top_k_magnitude_mask(x: jax.Array, k) -> jax.Array:
+def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Array:
     """Boolean mask with exactly `k` True entries: those of largest |x|.
 
     Ties at the threshold are broken towards the lowest flat (row-major) index.
@@ -309,6 +324,8 @@ def top_k_magnitude_mask(x: jax.Array, k) -> jax.Array:
     Args:
       x: a floating array.
       k: number of entries to keep, a count scalar (traced is fine), 0 <= k <= x.size.
+      partitioned: x is sharded over several devices: use only operations that
+        partition without gathering x (static; one extra pass in the tie break).
 
     Returns:
       A bool array of x's shape.
@@ -329,7 +346,7 @@ def top_k_magnitude_mask(x: jax.Array, k) -> jax.Array:
     def select():
         threshold, count_ge = kth_largest_magnitude_bits(a, jnp.maximum(k, 1))
         needs_tie_break = count_ge > k
-        cut = lax.cond(needs_tie_break, lambda: _tie_cut_index(a, threshold, k, layout), lambda: never)
+        cut = lax.cond(needs_tie_break, lambda: _tie_cut_index(a, threshold, k, layout, partitioned), lambda: never)
         return threshold, cut
 
     def trivial():
@@ -346,9 +363,9 @@ def top_k_magnitude_mask(x: jax.Array, k) -> jax.Array:
     return bits >= threshold + above_cut
 
 
-def keep_top_k_magnitude(x: jax.Array, k) -> jax.Array:
+def keep_top_k_magnitude(x: jax.Array, k, partitioned: bool = False) -> jax.Array:
     """x with all but its k largest-magnitude entries set to zero (exact count, see module doc)."""
-    return jnp.where(top_k_magnitude_mask(x, k), x, jnp.zeros((), x.dtype))
+    return jnp.where(top_k_magnitude_mask(x, k, partitioned), x, jnp.zeros((), x.dtype))
 
 
 def density_to_k(density, n: int):

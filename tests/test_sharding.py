@@ -1,0 +1,71 @@
+"""Sharded merging: 8 simulated CPU devices, and two processes on 127.0.0.1.
+
+Device counts are fixed when JAX starts, so each check runs in a fresh interpreter.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxmerge
+
+HERE = Path(__file__).parent
+
+
+def test_every_function_on_1d_and_2d_meshes_equals_single_device():
+    result = subprocess.run([sys.executable, str(HERE / "sharding_checks.py")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "all sharding checks passed" in result.stdout
+
+
+def test_cli_devices_flag_gives_the_single_device_result(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    inputs = []
+    for i in range(3):
+        path = tmp_path / f"m{i}.safetensors"
+        save_file({"w": rng.standard_normal((64, 48)).astype(np.float32), "v": rng.standard_normal(37).astype(np.float32)}, str(path))
+        inputs.append(str(path))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    outputs = {}
+    for devices in ("1", "4"):
+        out = tmp_path / f"out{devices}"
+        cmd = [sys.executable, "-m", "jaxmerge", "merge", *inputs, "--method", "dare_ties", "--density", "0.3", "--devices", devices, "--output", str(out), "--quiet"]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        from jaxmerge.safetensors_io import Checkpoint
+
+        ckpt = Checkpoint(out)
+        outputs[devices] = {n: ckpt.read(n) for n in ckpt.tensors}
+    for name in outputs["1"]:
+        np.testing.assert_array_equal(outputs["1"][name], outputs["4"][name])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_each_holding_half_of_the_shards(tmp_path):
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(i), port, str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
+    assert all("local shards 2" in log for log in logs)  # each process holds half of the 4 devices' shards
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal((64, 32)).astype(np.float32) for _ in range(3)]
+    expected = np.asarray(jaxmerge.ties(host, [1.0, 0.5, 0.7], 0.2))
+    for i in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"result_{i}.npy"), expected)
