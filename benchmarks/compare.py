@@ -33,7 +33,10 @@ FUNCTIONS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "task_arithm
 DENSITY = 0.2
 
 
-def median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of `repeats` calls, after `warmup` untimed calls (fresh buffers page-fault)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -93,7 +96,7 @@ def run(configs, repeats: int, peft_repeats: int, with_interop: bool = True):
             call()
             first = time.perf_counter() - start
             ours = median_seconds(call, repeats)
-            theirs = median_seconds(torch_call(peft, name, torch_tasks, torch_weights), peft_repeats)
+            theirs = median_seconds(torch_call(peft, name, torch_tasks, torch_weights), peft_repeats, warmup=1)
             row = {
                 "function": name,
                 "shape": "x".join(map(str, shape)),
@@ -155,8 +158,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats for jaxmerge (median)")
     parser.add_argument("--peft-repeats", type=int, default=3, help="timed repeats for PEFT (median)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--large-only", action="store_true", help="only 3 tasks of 4096x4096")
     args = parser.parse_args(argv)
     configs = [((1024, 1024), 3)] if args.quick else [((4096, 4096), 3), ((1024, 1024), 3), ((1024, 1024), 16)]
+    if args.large_only:
+        configs = [((4096, 4096), 3)]
     info = machine()
     print(f"# {info['date']} {info['processor']} x{info['cpu_count']} | jax {info['jax']} ({info['device']}) | torch {info['torch']} | peft {info['peft']} | density {DENSITY}")
     print(HEADER)

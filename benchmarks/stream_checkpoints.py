@@ -1,0 +1,80 @@
+"""Streamed checkpoint merging: peak memory and wall time beside the I/O floor.
+
+    python -m benchmarks.stream_checkpoints [--gb 2] [--dir /tmp/jaxmerge-bench]
+
+Writes 3 synthetic float32 checkpoints of about `--gb` GB each (16 tensors),
+merges them with ties (density 0.2) through `jaxmerge merge` in a child process,
+and reports the child's peak RSS and wall time beside the I/O floor: reading
+every input once and writing one output of the same size (same run, same disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_inputs(root: Path, gb: float, count: int = 3, tensors: int = 16) -> list[Path]:
+    from safetensors.numpy import save_file
+
+    cols = 4096
+    rows = int(gb * 1e9 / 4 / tensors / cols)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        path = root / f"model{i}.safetensors"
+        if not path.exists():
+            save_file({f"layers.{t}.weight": rng.standard_normal((rows, cols), dtype=np.float32) for t in range(tensors)}, str(path))
+        paths.append(path)
+    return paths
+
+
+def io_floor(inputs: list[Path], out: Path) -> float:
+    """Read every input once and write one file of an input's size, in 64 MB blocks."""
+    start = time.perf_counter()
+    block = 64 << 20
+    for path in inputs:
+        with open(path, "rb") as f:
+            while f.read(block):
+                pass
+    with open(inputs[0], "rb") as src, open(out, "wb") as dst:
+        while chunk := src.read(block):
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=2.0, help="size of each input checkpoint (default 2)")
+    parser.add_argument("--dir", default="/tmp/jaxmerge-bench", help="scratch directory (needs ~4.5x --gb of disk)")
+    args = parser.parse_args(argv)
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    inputs = make_inputs(root, args.gb)
+    sizes = [p.stat().st_size for p in inputs]
+    floor = io_floor(inputs, root / "floor.bin")
+    (root / "floor.bin").unlink()
+    shutil.rmtree(root / "merged", ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "jaxmerge", "merge", *map(str, inputs), "--method", "ties", "--density", "0.2", "--output", str(root / "merged"), "--quiet"], check=True)
+    wall = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    largest = max(sizes) / 16
+    print(f"3 inputs of {sizes[0] / 1e9:.2f} GB (16 float32 tensors of {largest / 1e6:.0f} MB), ties density 0.2")
+    print(f"merge wall time {wall:.1f} s | I/O floor {floor:.1f} s | ratio {wall / floor:.2f}")
+    print(f"peak RSS {peak_kb / 1e6:.2f} GB | largest tensor {largest / 1e9:.3f} GB | peak / largest {peak_kb * 1e3 / largest:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""Both notebooks run headless, top to bottom, without a cell error."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_executes(path, tmp_path):
+    notebook = nbformat.read(path, as_version=4)
+    # Committed without outputs (see the README); executing must not depend on any.
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+
+
+def test_at_least_the_two_documented_notebooks():
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "merging_experiment.ipynb"}
