@@ -235,16 +235,4 @@ def dare_ties(
     )
 
 
-__all__ = [
-    "calculate_majority_sign_mask",
-    "dare_linear",
-    "dare_ties",
-    "disjoint_merge",
-    "magnitude_based_pruning",
-    "magnitude_prune",
-    "prune",
-    "random_pruning",
-    "reshape_weight_task_tensors",
-    "task_arithmetic",
-    "ties",
-]
+__all__ = list(jaxmerge.PEFT_FUNCTIONS)

@@ -13,11 +13,13 @@ from jaxmerge.merging import (
     ties,
 )
 from jaxmerge.pruning import magnitude_based_pruning, prune, random_pruning
+from jaxmerge.pytree import merge_params
 from jaxmerge.sign import calculate_majority_sign_mask, disjoint_merge
 
 __version__ = "0.1.0"
 
-__all__ = [
+# The eleven functions of peft.utils.merge_utils, by name (interop mirrors them).
+PEFT_FUNCTIONS = (
     "calculate_majority_sign_mask",
     "dare_linear",
     "dare_ties",
@@ -29,4 +31,6 @@ __all__ = [
     "reshape_weight_task_tensors",
     "task_arithmetic",
     "ties",
-]
+)
+
+__all__ = [*PEFT_FUNCTIONS, "merge_params", "PEFT_FUNCTIONS"]
