@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,11 +34,26 @@ def remove_stale_temporaries(target: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+_terminate = threading.Event()
+
+
+def stop_if_terminated() -> None:
+    """Raise SystemExit(143) if SIGTERM arrived; writers call this between tensors.
+
+    The signal handler only records the request: an exception raised inside a
+    handler can land in a callback whose exceptions Python ignores (JAX's
+    garbage-collection hook, say) and be lost.
+    """
+    if _terminate.is_set():
+        raise SystemExit(128 + signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so that cleanup runs (only possible in the main thread)."""
+def _sigterm_recorded() -> Iterator[None]:
+    """Record SIGTERM for `stop_if_terminated` (handlers can only be set in the main thread)."""
+    _terminate.clear()
     try:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(SystemExit(128 + signum)))
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: _terminate.set())
     except ValueError:  # not the main thread
         yield
         return
@@ -67,8 +83,9 @@ def atomic_directory(target: str | os.PathLike, *, force: bool = False) -> Itera
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        with _sigterm_raises():
+        with _sigterm_recorded():
             yield tmp
+            stop_if_terminated()
             if target.exists():
                 old = target.parent / f".{target.name}.jaxmerge-old-{os.getpid()}"
                 os.replace(target, old)

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxmerge import __version__
 from jaxmerge import _validation as v
-from jaxmerge._atomic import atomic_directory
+from jaxmerge._atomic import atomic_directory, stop_if_terminated
 from jaxmerge.pytree import METHODS, merge_leaf, path_key
 from jaxmerge.safetensors_io import (
     FLOAT_DTYPES,
@@ -205,6 +205,7 @@ def merge_checkpoints(
             writer = ShardWriter(tmp / filename, shard, metadata)
             try:
                 for info in shard:
+                    stop_if_terminated()
                     writer.write(info.name, _merge_tensor(info, checkpoints, base_ckpt, plan, key, mesh))
                     bar.update(info.nbytes)
                     bar.set_postfix_str(info.name[-40:], refresh=False)
@@ -219,14 +220,17 @@ def merge_checkpoints(
 
 
 def _merge_tensor(info: TensorInfo, checkpoints, base_ckpt, plan: MergePlan, key, mesh) -> np.ndarray:
-    leaves = [c.read(info.name) for c in checkpoints]
-    base = base_ckpt.read(info.name) if base_ckpt else None
     if info.dtype not in FLOAT_DTYPES:
+        leaves = [c.read(info.name) for c in checkpoints]
+        base = base_ckpt.read(info.name) if base_ckpt else None
         # Integer buffers (position ids, step counters) are not task vectors: they must agree.
         reference = base if base is not None else leaves[0]
         if any(not np.array_equal(reference, leaf) for leaf in leaves):
             raise CheckpointError(f"tensor {info.name} ({info.dtype}) differs across inputs and cannot be merged")
         return reference
+    # Read into JAX directly: a NumPy copy on the way would double the inputs' memory.
+    leaves = [c.read(info.name, framework="flax") for c in checkpoints]
+    base = base_ckpt.read(info.name, framework="flax") if base_ckpt else None
     merged = merge_leaf(
         leaves, plan.weights, method=plan.method, base=base, density=plan.density,
         majority_sign_method=plan.majority_sign_method,

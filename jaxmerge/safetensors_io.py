@@ -111,11 +111,12 @@ class Checkpoint:
             if missing:
                 raise CheckpointError(f"{self.path}: the index lists {missing[0]} but no shard holds it")
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a NumPy array (bfloat16 via ml_dtypes)."""
+    def read(self, name: str, framework: str = "numpy"):
+        """One tensor: a NumPy array (bfloat16 via ml_dtypes), or with framework="flax" a JAX
+        array read straight from the memory map (one copy, none through NumPy)."""
         file = self._file_of[name]
         try:
-            with safe_open(str(file), framework="numpy") as f:
+            with safe_open(str(file), framework=framework) as f:
                 return f.get_tensor(name)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None

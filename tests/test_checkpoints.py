@@ -159,7 +159,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
 
 
 def _start_slow_merge(tmp_path):
-    shapes = {f"layer{i}.w": (1024, 1024) for i in range(40)}
+    shapes = {f"layer{i}.w": (128, 256) for i in range(400)}  # many tensors: seconds of work after the first write
     models = write_models(tmp_path, shapes=shapes)
     proc = subprocess.Popen([sys.executable, "-m", "jaxmerge", "merge", *map(str, models), "--method", "ties", "--density", "0.2", "--output", str(tmp_path / "out"), "--quiet"])
     deadline = time.time() + 120
