@@ -54,12 +54,29 @@ def test_structure_mismatch_names_the_path():
         merge_params(models, [1.0] * 3, method="average")
 
 
-def test_flax_and_equinox_style_trees():
-    pytest.importorskip("flax")
+def test_flax_parameter_state():
     from flax import nnx
 
-    rngs = nnx.Rngs(0)
     models = [nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(i)), nnx.Param) for i in range(3)]
     merged = merge_params(models, [1.0, 1.0, 1.0], method="ties", density=0.5)
     assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(models[0])
-    del rngs
+    kernels = [m["kernel"][...] for m in models]
+    np.testing.assert_array_equal(np.asarray(merged["kernel"][...]), np.asarray(jm.ties(kernels, [1.0] * 3, 0.5)))
+    # The merged state drops back into a module.
+    module = nnx.Linear(4, 3, rngs=nnx.Rngs(9))
+    nnx.update(module, merged)
+    assert module(jnp.ones((2, 4))).shape == (2, 3)
+
+
+def test_equinox_module():
+    import equinox as eqx
+
+    models = [eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(i)) for i in range(3)]
+    params = [eqx.filter(m, eqx.is_array) for m in models]
+    merged = merge_params(params, [1.0, 0.5, 0.7], method="dare_ties", density=0.5, key=jax.random.key(0))
+    model = eqx.combine(merged, eqx.filter(models[0], eqx.is_array, inverse=True))
+    assert model(jnp.ones(4)).shape == (2,)
+    w = [m.layers[0].weight for m in models]
+    key = path_key(jax.random.key(0), jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params[0])[0][0][0]))
+    first = jax.tree_util.tree_leaves(merged)[0]
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(jm.dare_ties(w, [1.0, 0.5, 0.7], 0.5, key=key)))
