@@ -9,7 +9,8 @@ For each function and input shape it reports: PEFT's median, jaxmerge's median
 included), the ratio to the read-once floor (NumPy sum of the inputs, same
 run), XLA's peak memory for the call (arguments + temporaries + output, from
 the compiled program's memory analysis) relative to the input bytes, and the
-torch interop path's median with the share of the speed-up it keeps.
+torch interop path's median with the share of the speed-up it keeps, and the
+DLPack conversions' own time as a share of the interop call.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def jax_call(name, tasks, weights):
     return lambda: getattr(jaxmerge, name)(*args, **kwargs).block_until_ready()
 
 
+def jax_result(name, tasks, weights):
+    args = (tasks, weights) if name == "task_arithmetic" else (tasks, weights, DENSITY)
+    kwargs = {"key": jax.random.key(0)} if name.startswith("dare") else {}
+    return lambda: getattr(jaxmerge, name)(*args, **kwargs)
+
+
 def torch_call(module, name, tasks, weights):
     args = (tasks, weights) if name == "task_arithmetic" else (tasks, weights, DENSITY)
     return lambda: getattr(module, name)(*args)
@@ -71,6 +78,25 @@ def peak_memory_ratio(name, tasks, weights) -> float:
         return float("nan")
     total = stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
     return total / input_bytes
+
+
+def conversion_seconds(torch_tasks, call, repeats: int) -> float:
+    """Median time of the DLPack conversions alone: every input to JAX, one fresh result back.
+
+    The result is computed outside the timed region; a first export is timed
+    (JAX caches a buffer's DLPack capsule after that).
+    """
+    import interop
+
+    times = []
+    for _ in range(repeats + 1):
+        result = call().block_until_ready()  # to_torch would otherwise wait for the computation
+        start = time.perf_counter()
+        for t in torch_tasks:
+            interop.to_jax(t)
+        interop.to_torch(result)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def run(configs, repeats: int, peft_repeats: int, with_interop: bool = True):
@@ -115,6 +141,8 @@ def run(configs, repeats: int, peft_repeats: int, with_interop: bool = True):
                 via_torch()
                 row["interop_s"] = median_seconds(via_torch, repeats)
                 row["interop_keeps_speedup"] = (theirs / row["interop_s"]) / (theirs / ours)
+                row["conversion_s"] = conversion_seconds(torch_tasks, jax_result(name, tasks, weights), repeats)
+                row["conversion_share"] = row["conversion_s"] / row["interop_s"]
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
@@ -122,12 +150,15 @@ def run(configs, repeats: int, peft_repeats: int, with_interop: bool = True):
 
 HEADER = (
     f"{'function':<16}{'shape':>10}{'tasks':>6}{'PEFT s':>9}{'jaxmerge s':>11}{'speedup':>9}"
-    f"{'first s':>9}{'x floor':>9}{'mem x in':>9}{'interop s':>10}{'keeps':>7}"
+    f"{'first s':>9}{'x floor':>9}{'mem x in':>9}{'interop s':>10}{'keeps':>7}{'conv %':>8}"
 )
 
 
 def format_row(r) -> str:
-    interop = f"{r['interop_s']:>10.3f}{100 * r['interop_keeps_speedup']:>6.0f}%" if "interop_s" in r else ""
+    interop = (
+        f"{r['interop_s']:>10.3f}{100 * r['interop_keeps_speedup']:>6.0f}%{100 * r['conversion_share']:>7.2f}%"
+        if "interop_s" in r else ""
+    )
     return (
         f"{r['function']:<16}{r['shape']:>10}{r['tasks']:>6}{r['peft_s']:>9.3f}{r['jaxmerge_s']:>11.3f}"
         f"{r['speedup']:>8.1f}x{r['first_call_s']:>9.2f}{r['ratio_to_floor']:>9.1f}{r['peak_memory_x_inputs']:>9.2f}"
