@@ -46,16 +46,17 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def jax_call(name, tasks, weights):
-    args = (tasks, weights) if name == "task_arithmetic" else (tasks, weights, DENSITY)
-    kwargs = {"key": jax.random.key(0)} if name.startswith("dare") else {}
-    return lambda: getattr(jaxmerge, name)(*args, **kwargs).block_until_ready()
-
-
 def jax_result(name, tasks, weights):
+    """A call of the jaxmerge function returning its (possibly not yet ready) result."""
     args = (tasks, weights) if name == "task_arithmetic" else (tasks, weights, DENSITY)
     kwargs = {"key": jax.random.key(0)} if name.startswith("dare") else {}
     return lambda: getattr(jaxmerge, name)(*args, **kwargs)
+
+
+def jax_call(name, tasks, weights):
+    """The same call, waiting for the result (what a timing must include)."""
+    result = jax_result(name, tasks, weights)
+    return lambda: result().block_until_ready()
 
 
 def torch_call(module, name, tasks, weights):
