@@ -1,7 +1,6 @@
 """Streamed checkpoint merging and the `jaxmerge merge` command."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from safetensors.numpy import save_file
 import jaxmerge
 from jaxmerge.checkpoints import merge_checkpoints
 from jaxmerge.pytree import path_key
-from jaxmerge.safetensors_io import Checkpoint, CheckpointError
+from jaxmerge.safetensors_io import Checkpoint
 
 
 def write_models(root, n=3, seed=0, shapes=None, dtype=np.float32):

@@ -1,6 +1,5 @@
 """interop: PEFT's merge API on torch tensors through DLPack."""
 
-import warnings
 
 import numpy as np
 import pytest
