@@ -121,13 +121,6 @@ class Checkpoint:
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None
 
-    def metadata(self) -> dict[str, str]:
-        first = next(iter(self._file_of.values()), None)
-        if first is None:
-            return {}
-        with safe_open(str(first), framework="numpy") as f:
-            return f.metadata() or {}
-
 
 def _data_end(file: Path) -> int | None:
     """Byte length the header promises (8 + header + largest end offset)."""
