@@ -89,6 +89,22 @@ class _BitLayout:
         self.fast_lo_bits = (info.minexp + info.nmant + 2 + bias) << info.nmant
 
 
+def _at_least_indicator(rows, threshold_bits, layout: _BitLayout):
+    """Exactly 1.0 where rows >= t and 0.0 elsewhere, by arithmetic alone.
+
+    For adjacent floats t_prev < t, clip(a, t_prev, t) - t_prev is exactly 0
+    or t - t_prev. Valid where `_fast_threshold` holds.
+    """
+    t = lax.bitcast_convert_type(threshold_bits, layout.float)
+    t_prev = lax.bitcast_convert_type(threshold_bits - 1, layout.float)
+    return (jnp.clip(rows, t_prev, t) - t_prev) * (1 / (t - t_prev))
+
+
+def _fast_threshold(threshold_bits, layout: _BitLayout, fast_ok):
+    """The indicator is exact here: no NaN in the tensor, t and its gap normal, t finite."""
+    return fast_ok & (threshold_bits >= layout.fast_lo_bits) & (threshold_bits < layout.inf_bits)
+
+
 def row_counts_at_least(rows, threshold_bits, layout: _BitLayout, fast_ok):
     """Per row, the number of entries whose magnitude bits are >= `threshold_bits` (exact).
 
@@ -105,16 +121,12 @@ def row_counts_at_least(rows, threshold_bits, layout: _BitLayout, fast_ok):
     cdt = count_dtype()
 
     def fast(tb):
-        t = lax.bitcast_convert_type(tb, layout.float)
-        t_prev = lax.bitcast_convert_type(tb - 1, layout.float)
-        indicator = (jnp.clip(rows, t_prev, t) - t_prev) * (1 / (t - t_prev))
-        return indicator.sum(axis=1).astype(cdt)
+        return _at_least_indicator(rows, tb, layout).sum(axis=1).astype(cdt)
 
     def slow(tb):
         return (lax.bitcast_convert_type(rows, layout.uint) >= tb).sum(axis=1, dtype=cdt)
 
-    use_fast = fast_ok & (threshold_bits >= layout.fast_lo_bits) & (threshold_bits < layout.inf_bits)
-    return lax.cond(use_fast, fast, slow, threshold_bits)
+    return lax.cond(_fast_threshold(threshold_bits, layout, fast_ok), fast, slow, threshold_bits)
 
 
 def _sample_start(rows, n: int, k, layout: _BitLayout):
@@ -158,6 +170,12 @@ def _signed_diff(x, y):
     return jnp.where(x >= y, (x - y).astype(jnp.float32), -((y - x).astype(jnp.float32)))
 
 
+def _magnitude_rows(a, layout: _BitLayout):
+    """The rows every pass reads, and the bit pattern of their largest entry."""
+    rows = _as_rows(a)
+    return rows, _max_bits(rows, layout)
+
+
 def kth_largest_magnitude_bits(a, k):
     """Find T, the bit pattern of the k-th largest entry of `a` (a >= 0).
 
@@ -177,19 +195,21 @@ def kth_largest_magnitude_bits(a, k):
       entries tie at T.
     """
     layout = _BitLayout(a.dtype)
+    return _search(*_magnitude_rows(a, layout), a.size, k, layout)
+
+
+def _search(rows, max_bits, n: int, k, layout: _BitLayout):
+    """`kth_largest_magnitude_bits` on prepared rows (see `_magnitude_rows`)."""
     cdt = count_dtype()
-    n = a.size
-    rows = _as_rows(a)
     uint = layout.uint
-    max_bits = _max_bits(rows, layout)
-    fast_ok = max_bits <= layout.inf_bits
+    fast_ok = max_bits <= layout.inf_bits  # False when a NaN is present
     k = k.astype(cdt)
 
     def count(tb):
         return row_counts_at_least(rows, tb, layout, fast_ok).sum(dtype=cdt)
 
     def fast_threshold(tb):
-        return fast_ok & (tb >= layout.fast_lo_bits) & (tb < layout.inf_bits)
+        return _fast_threshold(tb, layout, fast_ok)
 
     def not_done(carry):
         lo, c_lo, hi, c_hi = carry[:4]
@@ -218,7 +238,7 @@ def kth_largest_magnitude_bits(a, k):
         move = _signed_diff(c, k) / density
         new_width = (hi - lo).astype(jnp.float32)
         dist = jnp.minimum(jnp.ceil(jnp.abs(move)), new_width)
-        offset = jnp.minimum(dist, new_width).astype(uint)
+        offset = dist.astype(uint)
         next_t = jnp.where(
             moved_lo,
             jnp.where(dist >= new_width, hi, t + offset),
@@ -237,12 +257,6 @@ def kth_largest_magnitude_bits(a, k):
     )
     lo, c_lo, hi, c_hi = lax.while_loop(not_done, step, init)[:4]
 
-    def at_least_indicator(tb):
-        """Exactly 1.0 where rows >= t and 0.0 elsewhere, by arithmetic alone (see count)."""
-        t = lax.bitcast_convert_type(tb, layout.float)
-        t_prev = lax.bitcast_convert_type(tb - 1, layout.float)
-        return (jnp.clip(rows, t_prev, t) - t_prev) * (1 / (t - t_prev))
-
     # A select feeding a reduction is XLA:CPU's slow path (~25 ms per 16.7M
     # entries); multiplying by the exact 0/1 indicator keeps it on the fast one.
     big = jnp.finfo(layout.float).max
@@ -250,7 +264,7 @@ def kth_largest_magnitude_bits(a, k):
     def smallest_at_least(_):
         # count(lo) == k: no entry lies in [lo, T), so T is the smallest entry >= lo.
         def fast(tb):
-            ind = at_least_indicator(tb)
+            ind = _at_least_indicator(rows, tb, layout)
             return lax.bitcast_convert_type((rows * ind + (1 - ind) * big).min(), uint)
 
         def slow(tb):
@@ -263,7 +277,7 @@ def kth_largest_magnitude_bits(a, k):
         # count(hi) == k - 1: T is the largest entry below hi.
         def fast(tb):
             # Entries >= hi become 0 (neutral: T >= 0); inf is clamped first so that inf * 0 is not NaN.
-            below = jnp.minimum(rows, big) * (1 - at_least_indicator(tb))
+            below = jnp.minimum(rows, big) * (1 - _at_least_indicator(rows, tb, layout))
             return lax.bitcast_convert_type(below.max(), uint)
 
         def slow(tb):
@@ -280,7 +294,7 @@ def kth_largest_magnitude_bits(a, k):
     return lax.switch(branch, (smallest_at_least, largest_below, bracket_closed), None)
 
 
-def _tie_cut_index(a, threshold, k, layout: _BitLayout, partitioned: bool):
+def _tie_cut_index(rows, max_bits, threshold, k, layout: _BitLayout, partitioned: bool):
     """Flat index P such that the entries tied at `threshold` with index < P are
     exactly the tied entries to keep (the lowest indices come first).
 
@@ -289,8 +303,7 @@ def _tie_cut_index(a, threshold, k, layout: _BitLayout, partitioned: bool):
     cumsum (170 ms at 16.7M entries on XLA:CPU).
     """
     cdt = count_dtype()
-    rows = _as_rows(a)
-    fast_ok = _max_bits(rows, layout) <= layout.inf_bits
+    fast_ok = max_bits <= layout.inf_bits
     above = row_counts_at_least(rows, threshold + 1, layout, fast_ok)
     # Every entry is >= 0, so at threshold 0 the whole row counts.
     at_least = lax.cond(
@@ -355,9 +368,15 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
     never = jnp.asarray(n, cdt)  # a cut index past the end: no tie is dropped
 
     def select():
-        threshold, count_ge = kth_largest_magnitude_bits(a, jnp.maximum(k, 1))
+        # One preparation (rows and the max pass) serves the search and the tie break.
+        rows, max_bits = _magnitude_rows(a, layout)
+        threshold, count_ge = _search(rows, max_bits, n, jnp.maximum(k, 1), layout)
         needs_tie_break = count_ge > k
-        cut = lax.cond(needs_tie_break, lambda: _tie_cut_index(a, threshold, k, layout, partitioned), lambda: never)
+        cut = lax.cond(
+            needs_tie_break,
+            lambda: _tie_cut_index(rows, max_bits, threshold, k, layout, partitioned),
+            lambda: never,
+        )
         return threshold, cut
 
     def trivial():
