@@ -20,7 +20,6 @@ least float32, because PEFT divides by a float32 count.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -141,15 +140,8 @@ def prune(
     """PEFT's `prune`: by magnitude or at random; density >= 1 returns a copy of the input, with a warning."""
     tensor = _as_tensor(tensor, "tensor")
     jaxmerge._validation.check_choice("method", method, jaxmerge._validation.PRUNE_METHODS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        jaxmerge._validation.check_density(density)
+    jaxmerge._validation.check_density(density)  # warns, as PEFT, when density >= 1
     if float(density) >= 1:
-        warnings.warn(
-            f"The density {density} is greater than or equal to 1, no pruning will be performed.",
-            UserWarning,
-            stacklevel=2,
-        )
         return tensor.detach().clone()
     if method == "magnitude":
         return magnitude_based_pruning(tensor, density)

@@ -13,6 +13,13 @@ from pathlib import Path
 _TMP_TAG = ".jaxmerge-tmp-"
 
 
+def lies_inside(output: str | os.PathLike, source: str | os.PathLike) -> bool:
+    """True when writing `output` would write into (or over) an input: `source` itself,
+    or, for a directory, anywhere below it."""
+    out, src = Path(output).resolve(), Path(source).resolve()
+    return out == src or (src.is_dir() and src in out.parents)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import __version__
-from jaxmerge._atomic import atomic_directory
+from jaxmerge._atomic import atomic_directory, lies_inside
 from jaxmerge.pytree import merge_leaf, path_key
 from jaxmerge.safetensors_io import DTYPES, Checkpoint, CheckpointError, ShardWriter, TensorInfo
 
@@ -181,7 +181,7 @@ def merge_lora(
         raise CheckpointError(f"got {len(weights)} weights for {len(adapters)} adapters")
     out = Path(output_dir)
     for a in adapters:
-        if out.resolve() == a.path.resolve() or a.path.resolve() in out.resolve().parents:
+        if lies_inside(out, a.path):
             raise CheckpointError(f"output {out} lies inside input {a.path}: choose another output")
     if len(adapters) == 1:
         combination_type = "linear"  # as PEFT: one adapter can only be scaled

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxmerge import __version__
 from jaxmerge import _validation as v
-from jaxmerge._atomic import atomic_directory, stop_if_terminated
+from jaxmerge._atomic import atomic_directory, lies_inside, stop_if_terminated
 from jaxmerge.pytree import METHODS, merge_leaf, path_key
 from jaxmerge.safetensors_io import (
     FLOAT_DTYPES,
@@ -80,14 +80,6 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def _inside(path: Path, parent: Path) -> bool:
-    try:
-        path.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def plan_merge(
     inputs: Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -123,7 +115,7 @@ def plan_merge(
     output = Path(output)
     sources = [Path(p) for p in inputs] + ([Path(base)] if base else [])
     for src in sources:
-        if src.exists() and (_inside(output, src) if src.is_dir() else output.resolve() == src.resolve()):
+        if lies_inside(output, src):
             raise CheckpointError(f"output {output} lies inside input {src}: choose another --output")
     checkpoints = [Checkpoint(p) for p in inputs]
     base_ckpt = Checkpoint(base) if base else None
