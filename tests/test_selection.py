@@ -131,3 +131,23 @@ def test_counts_past_2_pow_31_are_exact():
 def test_too_large_for_the_count_type_is_refused():
     with pytest.raises(ValueError, match="larger than"):
         selection.top_k_magnitude_mask(jax.ShapeDtypeStruct((2**16, 2**16), jnp.float32), 1)
+
+
+def test_fast_count_is_exact_at_extreme_thresholds():
+    """The fast count sums gaps t - t_prev (a power of two) per row and scales by
+    1/gap: exact at the smallest fast threshold, at binade edges (where the gap
+    halves) and at the largest finite one, with full rows of 16384 counted."""
+    layout = selection._BitLayout(jnp.float32)
+    as_bits = lambda f: int(np.float32(f).view(np.uint32))  # noqa: E731
+    largest = np.finfo(np.float32).max
+    for tb in (layout.fast_lo_bits, layout.fast_lo_bits + 1, as_bits(1.0), as_bits(1.0) + 1, as_bits(largest)):
+        assert bool(selection._fast_threshold(jnp.uint32(tb), layout, True))
+        t = np.uint32(tb).view(np.float32)
+        t_prev, t_next = np.uint32(tb - 1).view(np.float32), np.uint32(min(tb + 1, as_bits(largest))).view(np.float32)
+        rows = np.stack([
+            np.full(16384, t), np.full(16384, -t), np.full(16384, t_prev),
+            np.resize(np.array([t, -t_next, t_prev, 0.0, -largest], np.float32), 16384),
+        ]).astype(np.float32)
+        counts = selection.row_counts_at_least(jnp.asarray(rows), jnp.uint32(tb), layout, jnp.asarray(True))
+        expected = (np.abs(rows).view(np.uint32) >= tb).sum(axis=1)
+        np.testing.assert_array_equal(np.asarray(counts), expected, err_msg=f"threshold bits {tb:#x}")
