@@ -164,8 +164,9 @@ def unstack(tasks: tuple[jax.Array, ...] | jax.Array) -> tuple[jax.Array, ...]:
 def as_weights(weights: Any, num_tasks: int) -> jax.Array:
     """Validate per-task weights: a 1-D array or a sequence with one weight per task."""
     try:
-        w = jnp.asarray(weights)
-    except TypeError:
+        # Host weights stay NumPy: the kernel call moves them (an eager transfer costs more).
+        w = weights if isinstance(weights, jax.Array) else np.asarray(weights)
+    except (TypeError, ValueError):
         raise TypeError(f"weights must be a sequence of numbers or a 1-D array, got {weights!r}") from None
     if w.ndim != 1:
         raise ValueError(f"weights must be 1-D with one weight per task, got shape {w.shape}")

@@ -442,7 +442,7 @@ def density_to_k(density, n: int):
     if not isinstance(density, jax.core.Tracer):
         d = float(density)
         k = n if d >= 1 else int(d * n)
-        return jnp.asarray(k, cdt)
+        return np.asarray(k, cdt)
     wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     k = jnp.floor(jnp.asarray(density, wide) * wide(n))
     return jnp.clip(k, 0, n).astype(cdt)
