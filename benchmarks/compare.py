@@ -10,7 +10,9 @@ included), the ratio to the read-once floor (NumPy sum of the inputs, same
 run), XLA's peak memory for the call (arguments + temporaries + output, from
 the compiled program's memory analysis) relative to the input bytes, and the
 torch interop path's median with the share of the speed-up it keeps, and the
-DLPack conversions' own time as a share of the interop call.
+DLPack conversions' own time as a share of the interop call. jaxmerge, the
+floor and the interop call are timed taking turns (`paired_medians`), so their
+ratios come from the same stretch of machine time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,30 @@ from jaxmerge import merging
 
 FUNCTIONS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "task_arithmetic"]
 DENSITY = 0.2
+
+
+def paired_medians(calls: dict, repeats: int, warmup: int = 2, min_total_s: float = 1.0) -> dict:
+    """Median wall time of each call, the calls taking turns round by round.
+
+    Taking turns puts every call in the same stretch of machine time, so a
+    slow spell (other processes, memory bandwidth) shifts all of them alike and
+    their ratios stay stable; separate runs drifted by up to 25% here. Rounds
+    go on past `repeats` until about `min_total_s` has been spent, so that
+    sub-millisecond calls get enough samples.
+    """
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times = {name: [] for name in calls}
+    start = time.perf_counter()
+    while len(times[next(iter(calls))]) < repeats or (
+        time.perf_counter() - start < min_total_s and len(times[next(iter(calls))]) < 1000
+    ):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -120,13 +146,17 @@ def run(configs, repeats: int, peft_repeats: int, with_interop: bool = True):
         torch_tasks = [torch.from_numpy(h).clone() for h in host]
         numpy_backed = [torch.from_numpy(h) for h in host]
         torch_weights = torch.from_numpy(weights)
-        floor = median_seconds(lambda: sum(host[1:], host[0].copy()), repeats)
         for name in FUNCTIONS:
             call = jax_call(name, tasks, weights)
             start = time.perf_counter()
             call()
             first = time.perf_counter() - start
-            ours = median_seconds(call, repeats)
+            paired = {"jaxmerge": call, "floor": lambda: sum(host[1:], host[0].copy())}
+            if with_interop:
+                torch.manual_seed(0)
+                paired["interop"] = torch_call(interop_merge, name, torch_tasks, torch_weights)
+            medians = paired_medians(paired, repeats)
+            ours, floor = medians["jaxmerge"], medians["floor"]
             theirs = median_seconds(torch_call(peft, name, torch_tasks, torch_weights), peft_repeats, warmup=1)
             row = {
                 "function": name,
@@ -141,10 +171,7 @@ def run(configs, repeats: int, peft_repeats: int, with_interop: bool = True):
                 "peak_memory_x_inputs": peak_memory_ratio(name, tasks, weights),
             }
             if with_interop:
-                torch.manual_seed(0)
-                via_torch = torch_call(interop_merge, name, torch_tasks, torch_weights)
-                via_torch()
-                row["interop_s"] = median_seconds(via_torch, repeats)
+                row["interop_s"] = medians["interop"]
                 row["interop_keeps_speedup"] = (theirs / row["interop_s"]) / (theirs / ours)
                 row["conversion_s"] = conversion_seconds(torch_tasks, jax_result(name, tasks, weights), repeats)
                 row["conversion_share"] = row["conversion_s"] / row["interop_s"]
