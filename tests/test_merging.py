@@ -287,19 +287,28 @@ def test_property_ties_and_magnitude_prune_vs_peft(stacked, density, weights, me
     )
 
 
+# Largest temporary allowed, in units of one task's bytes. float32: none tensor-sized.
+# Half precision: the integer fallback count (taken only for NaN or subnormal
+# thresholds) materialises one uint32 tensor, two half-precision task sizes; a
+# float32 copy of every task (the old widening) would be 6.
+TEMP_LIMIT = {jnp.float32: 0.25, jnp.bfloat16: 2.5}
+
+
+@pytest.mark.parametrize("dtype", list(TEMP_LIMIT))
 @pytest.mark.parametrize("sign_method", [None, "total"])
-def test_magnitude_kernels_keep_no_tensor_sized_temporaries(sign_method):
-    """Every pass takes |x| itself. A precomputed |x| is a tensor-sized temporary per
-    task, which XLA hoists into the search loop's state (a copy per call that cost
-    more than the whole search); this checks the compiled kernel holds none."""
+def test_magnitude_kernels_keep_no_tensor_sized_temporaries(sign_method, dtype):
+    """Every pass takes |x| (and the widening of half precision) itself. A
+    precomputed |x| is a tensor-sized temporary per task, which XLA hoists into
+    the search loop's state (a copy per call that cost more than the whole
+    search); this checks the compiled kernel's temporaries."""
     from jaxmerge import merging
 
     shape = (1024, 1024)
-    tasks = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for _ in range(3))
+    tasks = tuple(jax.ShapeDtypeStruct(shape, dtype) for _ in range(3))
     k = jm.selection.density_to_k(0.2, shape[0] * shape[1])
     compiled = merging._merge_kernel.lower(
         tasks, jnp.ones(3, jnp.float32), jnp.float32(0.2), k, None,
         sparsify="magnitude", sign_method=sign_method,
     ).compile()
-    one_task_bytes = 4 * shape[0] * shape[1]
-    assert compiled.memory_analysis().temp_size_in_bytes < one_task_bytes / 4
+    one_task_bytes = jnp.dtype(dtype).itemsize * shape[0] * shape[1]
+    assert compiled.memory_analysis().temp_size_in_bytes < TEMP_LIMIT[dtype] * one_task_bytes
