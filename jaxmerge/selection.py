@@ -436,7 +436,8 @@ def density_to_k(density, n: int):
     widest float type available. Densities >= 1 keep everything.
 
     Returns:
-      A count scalar (`count_dtype()`), traced or concrete.
+      A count scalar of `count_dtype()`: a NumPy scalar for a concrete
+      density (it goes to the kernel without an eager device transfer), else traced.
     """
     cdt = count_dtype()
     if not isinstance(density, jax.core.Tracer):

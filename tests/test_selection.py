@@ -113,8 +113,8 @@ def test_counts_past_2_pow_31_are_exact():
     """Counting arithmetic beyond a signed 32-bit count, proved on the arithmetic alone.
 
     A 2**31-entry tensor does not fit this 24 GiB test machine next to its
-    temporaries, so this checks the two places where counts accumulate: row sums
-    of 0/1 (float, exact per row) added up in `count_dtype()`, and k itself.
+    temporaries, so this checks the two places where counts accumulate: per-row
+    counts (exact floats, rows < 2**24 entries) added up in `count_dtype()`, and k itself.
     """
     cdt = count_dtype()
     assert cdt in (jnp.uint32, jnp.uint64)
