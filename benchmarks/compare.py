@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmerge
-from jaxmerge import merging
+from jaxmerge.core import merging
 
 FUNCTIONS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "task_arithmetic"]
 DENSITY = 0.2
@@ -94,7 +94,7 @@ def peak_memory_ratio(name, tasks, weights) -> float:
     """XLA's memory analysis of the compiled kernel: (arguments + temporaries + output) / input bytes."""
     sparsify = {"ties": "magnitude", "magnitude_prune": "magnitude", "dare_ties": "random", "dare_linear": "random"}.get(name)
     sign = "total" if name in ("ties", "dare_ties") else None
-    k = jaxmerge.selection.density_to_k(DENSITY, tasks[0].size)
+    k = jaxmerge.core.selection.density_to_k(DENSITY, tasks[0].size)
     key = jax.random.key(0) if sparsify == "random" else None
     compiled = merging._merge_kernel.lower(
         tuple(tasks), jnp.asarray(weights), jnp.float32(DENSITY), k, key, sparsify=sparsify, sign_method=sign

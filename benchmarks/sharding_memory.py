@@ -26,8 +26,8 @@ def measure(num_devices: int) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxmerge import merging, selection
-    from jaxmerge.sharding import make_mesh
+    from jaxmerge.core import merging, selection
+    from jaxmerge.core.sharding import make_mesh
 
     mesh = make_mesh(num_devices)
     sharding = NamedSharding(mesh, P("devices", None))

@@ -146,8 +146,8 @@ def prune(
 ) -> torch.Tensor:
     """PEFT's `prune`: by magnitude or at random; density >= 1 returns a copy of the input, with a warning."""
     tensor = _as_tensor(tensor, "tensor")
-    jaxmerge._validation.check_choice("method", method, jaxmerge._validation.PRUNE_METHODS)
-    jaxmerge._validation.check_density(density)  # warns, as PEFT, when density >= 1
+    jaxmerge.core._validation.check_choice("method", method, jaxmerge.core._validation.PRUNE_METHODS)
+    jaxmerge.core._validation.check_density(density)  # warns, as PEFT, when density >= 1
     if float(density) >= 1:
         return tensor.detach().clone()
     if method == "magnitude":
@@ -160,7 +160,7 @@ def calculate_majority_sign_mask(
 ) -> torch.Tensor:
     """Bool mask of entries agreeing with the elected sign (tasks stacked on dim 0)."""
     tensor = _as_tensor(tensor, "tensor")
-    jaxmerge._validation.check_choice("method", method, jaxmerge._validation.SIGN_METHODS)
+    jaxmerge.core._validation.check_choice("method", method, jaxmerge.core._validation.SIGN_METHODS)
     mask = jaxmerge.calculate_majority_sign_mask(_to_jax_as(tensor, _compute_dtype(tensor.dtype)), method)
     return _finish(mask, torch.bool, [tensor])
 

@@ -4,7 +4,7 @@ Every function of `peft.utils.merge_utils` (PEFT 0.21) under the same name, with
 the same arguments; random methods take an explicit keyword-only `key`.
 """
 
-from jaxmerge.merging import (
+from jaxmerge.core.merging import (
     dare_linear,
     dare_ties,
     magnitude_prune,
@@ -12,9 +12,9 @@ from jaxmerge.merging import (
     task_arithmetic,
     ties,
 )
-from jaxmerge.pruning import magnitude_based_pruning, prune, random_pruning
-from jaxmerge.pytree import merge_params
-from jaxmerge.sign import calculate_majority_sign_mask, disjoint_merge
+from jaxmerge.core.pruning import magnitude_based_pruning, prune, random_pruning
+from jaxmerge.methods.pytree import merge_params
+from jaxmerge.core.sign import calculate_majority_sign_mask, disjoint_merge
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.pytree import merge_params
+from jaxmerge.methods.pytree import merge_params
 
 TASKS = {"digits 0-3": (0, 1, 2, 3), "digits 4-6": (4, 5, 6), "digits 7-9": (7, 8, 9)}
 HIDDEN = 64

@@ -13,9 +13,9 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxmerge  # noqa: E402
-from jaxmerge import merging, selection  # noqa: E402
-from jaxmerge.pytree import merge_params  # noqa: E402
-from jaxmerge.sharding import make_mesh  # noqa: E402
+from jaxmerge.core import merging, selection  # noqa: E402
+from jaxmerge.methods.pytree import merge_params  # noqa: E402
+from jaxmerge.core.sharding import make_mesh  # noqa: E402
 
 assert len(jax.devices()) == 8
 devices = np.array(jax.devices())
@@ -56,8 +56,10 @@ for mesh_shape, names, spec, shape in CASES:
     assert np.array_equal(np.asarray(jaxmerge.disjoint_merge(stacked, mask)), np.asarray(jaxmerge.disjoint_merge(np.stack(host), np.asarray(mask))))
     # The sharded ties program gathers no full tensor: only per-row counts and the sample.
     k = selection.density_to_k(0.2, host[0].size)
+    n = len(sharded)
     text = merging._merge_kernel.lower(
-        tuple(sharded), jnp.asarray(W), jnp.float32(0.2), k, None, sparsify="magnitude", sign_method="total", partitioned=True
+        tuple(sharded), jnp.asarray(W), jnp.full(n, 0.2, jnp.float32), jnp.full(n, k), jnp.zeros(n, k.dtype),
+        jnp.zeros(n, jnp.float32), jnp.float32(1), None, rule=merging.PEFT_TIES, partitioned=True,
     ).compile().as_text()
     for match in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather\(", text):
         elements = int(np.prod([int(d) for d in match.group(1).split(",") if d] or [1]))

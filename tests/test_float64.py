@@ -16,7 +16,7 @@ def test_float64_under_x64_matches_peft():
         import jax.numpy as jnp, numpy as np, torch
         from peft.utils import merge_utils as peft
         import jaxmerge as jm
-        from jaxmerge._dtypes import count_dtype
+        from jaxmerge.core._dtypes import count_dtype
         assert count_dtype() == jnp.uint64
         rng = np.random.default_rng(0)
         tasks = [rng.standard_normal((40, 30)) for _ in range(3)]

@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from peft.utils import merge_utils as peft
 
 import jaxmerge as jm
-from jaxmerge.pruning import random_mask
+from jaxmerge.core.pruning import random_mask
 from conftest import normal_floats
 from conftest import DENSITIES, FLOAT_DTYPES, SHAPES, distinct_magnitude_tasks, random_tasks, to_numpy, to_torch
 
@@ -301,14 +301,15 @@ def test_magnitude_kernels_keep_no_tensor_sized_temporaries(sign_method, dtype):
     precomputed |x| is a tensor-sized temporary per task, which XLA hoists into
     the search loop's state (a copy per call that cost more than the whole
     search); this checks the compiled kernel's temporaries."""
-    from jaxmerge import merging
+    from jaxmerge.core import merging
 
     shape = (1024, 1024)
     tasks = tuple(jax.ShapeDtypeStruct(shape, dtype) for _ in range(3))
-    k = jm.selection.density_to_k(0.2, shape[0] * shape[1])
+    k = jm.core.selection.density_to_k(0.2, shape[0] * shape[1])
+    rule = merging.PEFT_TIES if sign_method else merging.Rule(sparsify="magnitude")
     compiled = merging._merge_kernel.lower(
-        tasks, jnp.ones(3, jnp.float32), jnp.float32(0.2), k, None,
-        sparsify="magnitude", sign_method=sign_method,
+        tasks, jnp.ones(3, jnp.float32), jnp.full(3, 0.2, jnp.float32), jnp.full(3, k), jnp.zeros(3, k.dtype),
+        jnp.zeros(3, jnp.float32), jnp.float32(1), None, rule=rule,
     ).compile()
     one_task_bytes = jnp.dtype(dtype).itemsize * shape[0] * shape[1]
     assert compiled.memory_analysis().temp_size_in_bytes < TEMP_LIMIT[dtype] * one_task_bytes

@@ -10,7 +10,7 @@ import torch
 from peft.utils import merge_utils as peft
 
 import jaxmerge as jm
-from jaxmerge import pruning
+from jaxmerge.core import pruning
 from conftest import (
     DENSITIES,
     FLOAT_DTYPES,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxmerge as jm
-from jaxmerge.pytree import merge_params, path_key
+from jaxmerge.methods.pytree import merge_params, path_key
 
 
 def trees(n=3, seed=0):
@@ -22,7 +22,8 @@ def test_each_leaf_equals_the_core_on_task_vectors(method):
     models, base = trees()
     w = [1.0, 0.5, -0.3]
     key = jax.random.key(4)
-    merged = merge_params(models, w, method=method, base=base, density=0.5, key=key)
+    density = {} if method == "task_arithmetic" else {"density": 0.5}
+    merged = merge_params(models, w, method=method, base=base, key=key, **density)
     for path, name in ((("dense", "w"), "['dense']['w']"), (("dense", "b"), "['dense']['b']")):
         leaf = lambda t: t[path[0]][path[1]]
         tasks = [leaf(m) - leaf(base) for m in models]
@@ -46,11 +47,13 @@ def test_structure_mismatch_names_the_path():
     broken = dict(models[1], dense={"w": models[1]["dense"]["w"], "bias": models[1]["dense"]["b"]})
     with pytest.raises(ValueError, match=r"trees\[1\].*\['dense'\]\['bias'\]"):
         merge_params([models[0], broken], [1.0, 1.0], method="task_arithmetic")
-    with pytest.raises(ValueError, match="density is required"):
-        merge_params(models, [1.0] * 3, method="ties")
+    with pytest.raises(ValueError, match=r"ties: density must be in \[0, inf\), got -0.5"):
+        merge_params(models, [1.0] * 3, method="ties", density=-0.5)
+    with pytest.raises(ValueError, match="method task_arithmetic has no parameter 'density'"):
+        merge_params(models, [1.0] * 3, method="task_arithmetic", density=0.5)
     with pytest.raises(ValueError, match="key is required"):
         merge_params(models, [1.0] * 3, method="dare_ties", density=0.5)
-    with pytest.raises(ValueError, match=r"method.*'average'"):
+    with pytest.raises(ValueError, match=r"unknown merge method 'average'"):
         merge_params(models, [1.0] * 3, method="average")
 
 

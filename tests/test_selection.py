@@ -1,4 +1,4 @@
-"""Exact linear-time top-k by magnitude (jaxmerge.selection)."""
+"""Exact linear-time top-k by magnitude (jaxmerge.core.selection)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxmerge import selection
-from jaxmerge._dtypes import count_dtype
+from jaxmerge.core import selection
+from jaxmerge.core._dtypes import count_dtype
 
 mask_fn = jax.jit(selection.top_k_magnitude_mask)
 

@@ -2,14 +2,14 @@
 
 Peak memory stays near (inputs + 2) x the largest tensor whatever the model
 size: each tensor is read from every input (memory-mapped), merged by the core
-(`jaxmerge.pytree.merge_leaf`) and appended to the output shard being written.
+(`jaxmerge.methods.pytree.merge_leaf`) and appended to the output shard being written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +17,10 @@ import jax
 import numpy as np
 
 from jaxmerge import __version__
-from jaxmerge import _validation as v
-from jaxmerge._atomic import atomic_directory, lies_inside, stop_if_terminated
-from jaxmerge.pytree import METHODS, merge_leaf, path_key
-from jaxmerge.safetensors_io import (
+from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
+from jaxmerge.methods._table import MethodError
+from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
+from jaxmerge.io.safetensors_io import (
     FLOAT_DTYPES,
     Checkpoint,
     CheckpointError,
@@ -41,12 +41,12 @@ class MergePlan:
     base: Path | None
     output: Path
     method: str
-    weights: list[float]
-    density: float | list[float] | None
-    majority_sign_method: str
+    params: dict
     seed: int
     tensors: list[TensorInfo]
     shards: list[list[TensorInfo]] = field(default_factory=list)
+    params_for: Callable[[str], dict] | None = None
+    bound: dict = field(default_factory=dict)  # tensor name -> (Method, bound parameters)
 
     @property
     def largest(self) -> int:
@@ -62,16 +62,14 @@ class MergePlan:
             "method": self.method,
             "inputs": [str(p) for p in self.inputs],
             "base": str(self.base) if self.base else None,
-            "weights": self.weights,
-            "density": self.density,
-            "majority_sign_method": self.majority_sign_method,
+            "parameters": self.params,
             "seed": self.seed,
         }
 
     def describe(self) -> str:
         lines = [
             f"merge {len(self.inputs)} checkpoints with {self.method} into {self.output}",
-            f"  weights {self.weights}, density {self.density}, seed {self.seed}"
+            f"  parameters {self.params}, seed {self.seed}"
             + (f", base {self.base}" if self.base else ""),
             f"  {len(self.tensors)} tensors, {sum(t.nbytes for t in self.tensors) / 1e9:.3f} GB out,"
             f" {len(self.shards)} shard(s); estimated peak memory {self.estimated_peak_bytes / 1e9:.3f} GB",
@@ -86,32 +84,30 @@ def plan_merge(
     *,
     method: str,
     weights: Sequence[float] | None = None,
-    density: float | None = None,
-    majority_sign_method: str = "total",
     seed: int = 0,
     base: str | os.PathLike | None = None,
     max_shard_size: str | int = "5GB",
+    params_for: Callable[[str], dict] | None = None,
+    **params,
 ) -> tuple[MergePlan, list[Checkpoint], Checkpoint | None]:
     """Open every input and check everything that can be checked before merging.
 
+    The method's parameters are bound (validated) for every tensor here, so a
+    bad value stops the merge before any tensor is read.
+
     Raises:
       CheckpointError (a ValueError): one line naming the file and tensor.
+      MethodError (a ValueError): one line naming the method, parameter and value.
     """
-    v.check_choice("method", method, METHODS)
-    v.check_choice("majority_sign_method", majority_sign_method, v.SIGN_METHODS)
     if not inputs:
         raise CheckpointError("at least one input checkpoint is needed")
-    weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(inputs):
-        raise CheckpointError(f"got {len(weights)} weights for {len(inputs)} inputs")
-    if method != "task_arithmetic":
-        if density is None:
-            raise CheckpointError(f"method {method} needs a density")
-        per_model = density if isinstance(density, (list, tuple)) else [density]
-        if isinstance(density, (list, tuple)) and len(per_model) != len(inputs):
-            raise CheckpointError(f"got {len(per_model)} densities for {len(inputs)} inputs")
-        for d in per_model:
-            v.check_density(d)
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(inputs):
+            raise CheckpointError(f"got {len(weights)} weights for {len(inputs)} inputs")
+        params["weight"] = weights
+    params = {k: v for k, v in params.items() if v is not None}
+    bind_method(method, params, len(inputs), base is not None)  # fail fast, before opening files
     output = Path(output)
     sources = [Path(p) for p in inputs] + ([Path(base)] if base else [])
     for src in sources:
@@ -139,9 +135,16 @@ def plan_merge(
     tensors = list(reference.tensors.values())
     plan = MergePlan(
         inputs=[c.path for c in checkpoints], base=base_ckpt.path if base_ckpt else None, output=output,
-        method=method, weights=weights, density=density, majority_sign_method=majority_sign_method,
-        seed=seed, tensors=tensors,
+        method=method, params=params, seed=seed, tensors=tensors, params_for=params_for,
     )
+    for info in tensors:
+        per_tensor = {**params, **(params_for(info.name) if params_for else {})}
+        try:
+            plan.bound[info.name] = bind_method(
+                method, per_tensor, len(inputs), base is not None
+            )
+        except MethodError as err:
+            raise MethodError(f"tensor {info.name}: {err}") from None
     plan.shards = plan_shards(tensors, parse_size(max_shard_size))
     return plan, checkpoints, base_ckpt
 
@@ -152,37 +155,39 @@ def merge_checkpoints(
     *,
     method: str,
     weights: Sequence[float] | None = None,
-    density: float | None = None,
-    majority_sign_method: str = "total",
     seed: int = 0,
     base: str | os.PathLike | None = None,
     max_shard_size: str | int = "5GB",
     force: bool = False,
     progress: bool = True,
     mesh=None,
+    params_for: Callable[[str], dict] | None = None,
+    **params,
 ) -> MergePlan:
     """Merge safetensors checkpoints tensor by tensor into `output` (a directory).
 
     Args:
       inputs: checkpoints: a .safetensors file, an index JSON, or a directory with either.
       output: the directory to create (atomically: complete or absent).
-      method: "task_arithmetic", "ties", "dare_linear", "dare_ties" or "magnitude_prune".
-      weights: one per input (default 1.0 each).
-      density, majority_sign_method: as the core functions take them.
-      seed: DARE's key is `jax.random.key(seed)`; tensor `name` uses `path_key(key, name)`.
+      method: any method of the table (`jaxmerge methods`).
+      weights: one per input (default 1.0 each): the method's `weight`.
+      seed: random methods' key is `jax.random.key(seed)`; tensor `name` uses `path_key(key, name)`.
       base: optional base checkpoint: task vectors are `input - base`, the result `base + merged`.
       max_shard_size: output shard size ("5GB", "500MB", bytes).
       force: replace an existing output.
       progress: show a progress bar over tensors.
       mesh: optional `jax.sharding.Mesh`: each tensor is sharded over it for the merge.
+      params_for: optional `params_for(tensor_name) -> dict` of per-tensor parameter
+        overrides (recipes' gradients and filters).
+      **params: the method's parameters (`density=0.2`, ...).
 
     Returns:
       The executed plan. The output holds model.safetensors (or shards and an
       index) whose metadata records the recipe, the seed and the jaxmerge version.
     """
     plan, checkpoints, base_ckpt = plan_merge(
-        inputs, output, method=method, weights=weights, density=density,
-        majority_sign_method=majority_sign_method, seed=seed, base=base, max_shard_size=max_shard_size,
+        inputs, output, method=method, weights=weights, seed=seed, base=base,
+        max_shard_size=max_shard_size, params_for=params_for, **params,
     )
     metadata = {"format": "pt", "jaxmerge_version": __version__, "jaxmerge_recipe": json.dumps(plan.recipe())}
     key = jax.random.key(seed)
@@ -223,9 +228,8 @@ def _merge_tensor(info: TensorInfo, checkpoints, base_ckpt, plan: MergePlan, key
     # Read into JAX directly: a NumPy copy on the way would double the inputs' memory.
     leaves = [c.read(info.name, framework="flax") for c in checkpoints]
     base = base_ckpt.read(info.name, framework="flax") if base_ckpt else None
+    spec, bound = plan.bound[info.name]
     merged = merge_leaf(
-        leaves, plan.weights, method=plan.method, base=base, density=plan.density,
-        majority_sign_method=plan.majority_sign_method,
-        key=path_key(key, info.name) if plan.method.startswith("dare") else None, mesh=mesh,
+        leaves, spec, bound, base=base, key=path_key(key, info.name) if spec.random else None, mesh=mesh,
     )
     return np.asarray(merged)

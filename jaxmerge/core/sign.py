@@ -17,8 +17,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxmerge import _validation as v
-from jaxmerge._dtypes import compute_dtype
+from jaxmerge.core import _validation as v
+from jaxmerge.core._dtypes import compute_dtype
 
 
 def sum_tasks(values) -> jax.Array:
@@ -38,27 +38,46 @@ def elected_sign(tasks, method: str) -> jax.Array:
     return jnp.where(score >= 0, 1, -1).astype(tasks[0].dtype)
 
 
-def disjoint_mean(weighted, agrees) -> jax.Array:
-    """Sum of the values that agree with the elected sign, over max(number agreeing, 1)."""
-    zero = jnp.zeros((), weighted[0].dtype)
-    total = sum_tasks([jnp.where(a, w, zero) for w, a in zip(weighted, agrees)])
-    count = sum_tasks([a.astype(weighted[0].dtype) for a in agrees])
-    return total / jnp.maximum(count, 1)
+def disjoint_mean(values, agrees, divisors=None) -> jax.Array:
+    """Sum of the values that agree with the elected sign, divided per entry.
+
+    Args:
+      values: one array per task (the weighted task tensors).
+      agrees: one bool array per task.
+      divisors: None (no division), or one scalar per task: the divisor is the
+        sum of the agreeing tasks' scalars (ones: PEFT's count of agreeing
+        tasks; weights: mergekit's normalize), taken as 1 where it is 0.
+
+    The values are multiplied by the mask, as PEFT and mergekit do, so a NaN or
+    inf in any task makes the entry NaN even where that task disagrees.
+    """
+    dtype = values[0].dtype
+    total = sum_tasks([x * a.astype(dtype) for x, a in zip(values, agrees)])
+    if divisors is None:
+        return total
+    count = sum_tasks([a.astype(dtype) * d for a, d in zip(agrees, divisors)])
+    return total / jnp.where(count == 0, 1, count)
 
 
-def elect_and_merge(pruned, weights, method: str) -> jax.Array:
-    """TIES' elect + disjoint merge on pruned task tensors (sign elected before weighting, as PEFT)."""
-    sign = elected_sign(pruned, method)
-    agrees = [jnp.sign(p) == sign for p in pruned]
-    weighted = [p * weights[i] for i, p in enumerate(pruned)]
-    return disjoint_mean(weighted, agrees)
+def elect_and_merge(voters, values, divisors, method: str) -> jax.Array:
+    """TIES' elect + disjoint merge.
+
+    Args:
+      voters: the tensors whose signs vote (PEFT: the pruned tensors; mergekit: the weighted ones).
+      values: the weighted tensors that are summed.
+      divisors: as `disjoint_mean` takes them.
+      method: "total" or "frequency".
+    """
+    sign = elected_sign(voters, method)
+    agrees = [jnp.sign(p) == sign for p in voters]
+    return disjoint_mean(values, agrees, divisors)
 
 
 @jax.jit
 def _disjoint_merge_kernel(tasks, mask):
     cd = compute_dtype(tasks.dtype)
     values = [t.astype(cd) for t in v.unstack(tasks)]
-    return disjoint_mean(values, v.unstack(mask)).astype(tasks.dtype)
+    return disjoint_mean(values, v.unstack(mask), [jnp.ones((), cd)] * len(values)).astype(tasks.dtype)
 
 
 def _majority_sign_mask_kernel(tasks, method):

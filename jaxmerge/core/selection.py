@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmerge._dtypes import compute_dtype, count_dtype, max_count, uint_like
+from jaxmerge.core._dtypes import compute_dtype, count_dtype, max_count, uint_like
 
 _SAMPLE_SIZE = 16384
 _DEBUG_ITERATIONS = False  # print every probe of the search (jax.debug.print)
@@ -424,8 +424,11 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
 
 
 def keep_top_k_magnitude(x: jax.Array, k, partitioned: bool = False) -> jax.Array:
-    """x with all but its k largest-magnitude entries set to zero (exact count, see module doc)."""
-    return jnp.where(top_k_magnitude_mask(x, k, partitioned), x, jnp.zeros((), x.dtype))
+    """x with all but its k largest-magnitude entries multiplied by zero (exact count, see module doc).
+
+    Multiplied, as PEFT does, so a pruned inf becomes NaN there too.
+    """
+    return x * top_k_magnitude_mask(x, k, partitioned).astype(x.dtype)
 
 
 def density_to_k(density, n: int):

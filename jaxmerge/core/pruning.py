@@ -13,10 +13,12 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from jaxmerge import _validation as v
-from jaxmerge._dtypes import compute_dtype
-from jaxmerge.selection import density_to_k, keep_top_k_magnitude
+from jaxmerge.core import _validation as v
+from jaxmerge.core._dtypes import compute_dtype
+
+from jaxmerge.core.selection import density_to_k, keep_top_k_magnitude, top_k_magnitude_mask
 
 
 _MASK_LEVELS = 1 << 16
@@ -54,8 +56,11 @@ def random_mask(key: jax.Array, density, shape) -> jax.Array:
 
 
 def drop_and_rescale(x: jax.Array, density, key: jax.Array, rescale: bool) -> jax.Array:
-    """Random pruning of one tensor (traceable; no validation). See `random_pruning`."""
-    kept = jnp.where(random_mask(key, density, x.shape), x, jnp.zeros((), x.dtype))
+    """Random pruning of one tensor (traceable; no validation). See `random_pruning`.
+
+    Dropped entries are multiplied by 0, as PEFT does: a NaN or inf stays NaN.
+    """
+    kept = x * random_mask(key, density, x.shape).astype(x.dtype)
     if not rescale:
         return kept
     cd = compute_dtype(x.dtype)
@@ -63,6 +68,58 @@ def drop_and_rescale(x: jax.Array, density, key: jax.Array, rescale: bool) -> ja
     # density == 0 keeps nothing; return zeros rather than PEFT's 0/0 = NaN.
     inverse = jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1), 0)
     return (kept.astype(cd) * inverse).astype(x.dtype)
+
+
+def rescale_l1(x: jax.Array, kept: jax.Array, eps: float = 1e-7) -> jax.Array:
+    """Scale `kept` (a sparsified `x`) back to the L1 norm of `x`: mergekit's `rescale`.
+
+    As mergekit's `rescaled_masked_tensor` with `RescaleNorm.l1`: unchanged when
+    either norm is below `eps`.
+    """
+    cd = compute_dtype(x.dtype)
+    before = jnp.sum(jnp.abs(x.astype(cd)))
+    after = jnp.sum(jnp.abs(kept.astype(cd)))
+    scale = jnp.where((before < eps) | (after < eps), 1, before / jnp.where(after < eps, 1, after))
+    return (kept.astype(cd) * scale).astype(x.dtype)
+
+
+def keep_magnitude_band(x: jax.Array, k, k_top, partitioned: bool = False) -> jax.Array:
+    """Keep the `k` largest-magnitude entries that follow the `k_top` largest (Model Breadcrumbs).
+
+    Two exact linear-time selections (`jaxmerge.core.selection`): the
+    `k_top + k` largest, less the `k_top` largest outliers.
+    """
+    cdt = jnp.asarray(k).dtype
+    upper = top_k_magnitude_mask(x, jnp.asarray(k, cdt) + jnp.asarray(k_top, cdt), partitioned)
+    outliers = top_k_magnitude_mask(x, k_top, partitioned)
+    return x * (upper & ~outliers).astype(x.dtype)
+
+
+def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
+    """DELLA's MagPrune (Deep et al., 2024, arXiv:2406.11617), as mergekit's `della_magprune`.
+
+    Within each row (axis 1; a 1-D tensor is one row) the entries are ranked by
+    magnitude and kept with probability `density - epsilon + 2 * epsilon * r`,
+    r = (rank - 1) / (row length - 1): larger entries are kept more often.
+    Density >= 1 keeps everything, density <= 0 nothing. Ranking needs a sort
+    of each row (not of the whole tensor).
+    """
+    cd = compute_dtype(x.dtype)
+    rows = x[None] if x.ndim < 2 else x
+    magnitude = jnp.abs(rows.astype(cd))
+    order = jnp.argsort(magnitude, axis=1)
+    length = rows.shape[1]
+    ranks = jnp.put_along_axis(
+        jnp.zeros(magnitude.shape, jnp.int32), order,
+        lax.broadcasted_iota(jnp.int32, magnitude.shape, 1), axis=1, inplace=False,
+    )
+    rank_norm = jnp.clip(ranks.astype(cd) / max(length - 1, 1), 0, 1)
+    d = jnp.asarray(density, cd)
+    probs = (d - epsilon) + rank_norm * 2 * jnp.asarray(epsilon, cd)
+    keep = jax.random.uniform(key, magnitude.shape, cd) < probs
+    kept = rows * keep.astype(rows.dtype)
+    kept = jnp.where(d >= 1, rows, jnp.where(d <= 0, jnp.zeros((), rows.dtype), kept))
+    return kept.reshape(x.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("partitioned",))
@@ -79,7 +136,7 @@ def magnitude_based_pruning(tensor: jax.Array, density: float) -> jax.Array:
     """Keep the `int(density * tensor.size)` entries of largest magnitude, zero the rest.
 
     Exactly k entries are kept; ties at the threshold keep the lowest flat
-    indices. Runs in linear time (no sort, no top_k): see `jaxmerge.selection`.
+    indices. Runs in linear time (no sort, no top_k): see `jaxmerge.core.selection`.
 
     Args:
       tensor: the tensor to prune (float; integers are promoted to float32).

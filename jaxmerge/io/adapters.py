@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import __version__
-from jaxmerge._atomic import atomic_directory, lies_inside
-from jaxmerge.pytree import merge_leaf, path_key
-from jaxmerge.safetensors_io import DTYPES, Checkpoint, CheckpointError, ShardWriter, TensorInfo
+from jaxmerge.io._atomic import atomic_directory, lies_inside
+from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
+from jaxmerge.io.safetensors_io import DTYPES, Checkpoint, CheckpointError, ShardWriter, TensorInfo
 
 COMBINATION_TYPES = (
     "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear",
@@ -206,6 +206,16 @@ def merge_lora(
     for a in adapters:
         layers.update(a.layers())
     merged: dict[str, np.ndarray] = {}
+
+    def _bind(layer_weights):
+        # PEFT's semantics on the factors or deltas taken as task vectors (no base), as add_weighted_adapter.
+        params = {"weight": layer_weights, "semantics": "peft"}
+        if method != "task_arithmetic":
+            params["density"] = density
+        if method in ("ties", "dare_ties"):
+            params["majority_sign_method"] = majority_sign_method
+        return bind_method(method, params, len(layer_weights), has_base=False)
+
     for module, kind in sorted(layers.items()):
         present = [(a, w) for a, w in zip(adapters, weights) if module in a.layers()]
         suffix_a, suffix_b = _KINDS[kind]
@@ -225,10 +235,7 @@ def merge_lora(
                 fa32, fb32 = jnp.asarray(fa, jnp.float32), jnp.asarray(fb, jnp.float32)
                 delta = _conv_delta(fa32, fb32) if fa.ndim == 4 else fb32 @ fa32
                 deltas.append(delta * ad.scaling(module))
-            delta = merge_leaf(
-                deltas, [w for _, w in present], method=method, density=density,
-                majority_sign_method=majority_sign_method, key=path_key(key, module),
-            )
+            delta = merge_leaf(deltas, *_bind([w for _, w in present]), key=path_key(key, module))
             a_shape = (new_rank, *factors[0][0].shape[1:])
             b_shape = (factors[0][1].shape[0], new_rank, *factors[0][1].shape[2:])
             new_a, new_b = (np.asarray(t) for t in _svd_factors(delta, new_rank, svd_clamp, a_shape, b_shape))
@@ -238,9 +245,8 @@ def merge_lora(
                 scaled = w * ad.scaling(module)
                 w_a.append(math.sqrt(abs(scaled)) * (1 if scaled >= 0 else -1))
                 w_b.append(math.sqrt(abs(scaled)))
-            common = dict(method=method, density=density, majority_sign_method=majority_sign_method)
-            new_a = np.asarray(merge_leaf([fa for fa, _ in factors], w_a, key=path_key(key, name_a), **common))
-            new_b = np.asarray(merge_leaf([fb for _, fb in factors], w_b, key=path_key(key, name_b), **common))
+            new_a = np.asarray(merge_leaf([fa for fa, _ in factors], *_bind(w_a), key=path_key(key, name_a)))
+            new_b = np.asarray(merge_leaf([fb for _, fb in factors], *_bind(w_b), key=path_key(key, name_b)))
         merged[name_a] = np.asarray(new_a).astype(dtype)
         merged[name_b] = np.asarray(new_b).astype(dtype)
 

@@ -6,22 +6,17 @@ task vector is `tree - base` and the result is `base + merge(task vectors)`.
 
 from __future__ import annotations
 
-import warnings
 import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxmerge import _validation as v
-from jaxmerge import merging, pruning
-from jaxmerge.sharding import shard
-
-METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-_RANDOM = ("dare_linear", "dare_ties")
-_PRUNED = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-
+from jaxmerge.core import _validation as v
+from jaxmerge.core.sharding import shard
+from jaxmerge.methods import _table as table
 
 def path_key(key: jax.Array, path: str) -> jax.Array:
     """The PRNG key of one leaf: `fold_in(key, crc32(path))`.
@@ -48,14 +43,39 @@ def _check_same_structure(paths: list[str], other: list[str], name: str) -> None
     raise ValueError(f"{owner} has a leaf the other lacks: {longer[len(shorter)]}")
 
 
+def bind_method(method: str, params: dict, num_models: int, has_base: bool, where: str = ""):
+    """Look `method` up in the table, check the model count and bind `params` (None values dropped).
+
+    Args:
+      method: a method name (`jaxmerge methods` lists them).
+      params: parameter values; per-model ones as a scalar or one value per model.
+      num_models: models merged, the base not counted.
+      has_base: a base model is given.
+      where: prefix naming the caller in errors.
+
+    Returns:
+      (Method, bound parameters): per-model parameters have one slot per input,
+      the base's first when there is a base (`base_index` 0).
+    """
+    spec = table.get(method)
+    num_inputs = num_models + (has_base and spec.base is not table.BasePolicy.IGNORED)
+    spec.check_inputs(num_inputs, has_base)
+    given = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)) and num_inputs > num_models:
+            value = (None, *value)  # the base's slot: the parameter's default
+        given[name] = value
+    return spec, spec.bind(given, num_inputs, where, base_index=0 if num_inputs > num_models else None)
+
+
 def merge_leaf(
     leaves: Sequence[jax.Array],
-    weights,
+    spec: table.Method,
+    bound: dict,
     *,
-    method: str,
     base: jax.Array | None = None,
-    density: float | None = None,
-    majority_sign_method: str = "total",
     key: jax.Array | None = None,
     mesh=None,
 ) -> jax.Array:
@@ -63,88 +83,63 @@ def merge_leaf(
 
     Args:
       leaves: one same-shape array per model.
-      weights: one weight per model.
-      method: one of `METHODS`.
-      base: optional base tensor; the task vectors are then `leaf - base`.
-      density: as the core functions take it, or one density per model.
-      majority_sign_method, key: as the core functions take them.
+      spec, bound: from `bind_method`.
+      base: the base tensor, or None.
+      key: the tensor's PRNG key (random methods).
       mesh: optional `jax.sharding.Mesh`: the tensors are sharded over it first.
 
     Returns:
-      The merged tensor (`base + merged task vectors` when `base` is given), in the leaves' dtype.
+      The merged tensor, in the leaves' dtype.
     """
-    tasks = [shard(jnp.asarray(leaf), mesh) for leaf in leaves]
-    if base is not None:
-        base = shard(jnp.asarray(base), mesh)
-        tasks = [t - base for t in tasks]
-    if isinstance(density, (list, tuple)):
-        tasks, density = _prune_each(tasks, density, method, key), 1.0
-    fn = getattr(merging, method)
-    args = (tasks, weights) if method == "task_arithmetic" else (tasks, weights, density)
-    if method in ("ties", "dare_ties"):
-        args = (*args, majority_sign_method)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The density")  # density 1 after per-model pruning
-        merged = fn(*args, key=key) if method in _RANDOM else fn(*args)
-    return merged if base is None else (base + merged).astype(base.dtype)
-
-
-def _prune_each(tasks, densities, method, key):
-    """Per-model densities (mergekit-style recipes): prune each task with its own density first.
-
-    Uses the same per-task subkeys as the core (`split(key, num_tasks)[i]`), so
-    equal densities give exactly the core's result.
-    """
-    if len(densities) != len(tasks):
-        raise ValueError(f"got {len(densities)} densities for {len(tasks)} models")
-    if method == "task_arithmetic":
-        return tasks
-    if method in _RANDOM:
-        keys = jax.random.split(key, len(tasks))
-        return [pruning.random_pruning(t, d, True, key=k) for t, d, k in zip(tasks, densities, keys)]
-    return [pruning.magnitude_based_pruning(t, d) for t, d in zip(tasks, densities)]
+    inputs = [shard(jnp.asarray(leaf), mesh) for leaf in leaves]
+    base_index = None
+    if base is not None and spec.base is not table.BasePolicy.IGNORED:
+        inputs = [shard(jnp.asarray(base), mesh), *inputs]
+        base_index = 0
+    return table.merge_tensor(spec, inputs, base_index, bound, key=key)
 
 
 def merge_params(
     trees: Sequence[Any],
-    weights,
+    weights=None,
     *,
     method: str,
     base: Any = None,
-    density: float | None = None,
-    majority_sign_method: str = "total",
     key: jax.Array | None = None,
     mesh=None,
+    **params: Any,
 ) -> Any:
-    """Merge parameter pytrees leaf by leaf with a jaxmerge method.
+    """Merge parameter pytrees leaf by leaf with any method of the table (`jaxmerge methods`).
 
     Args:
       trees: same-structure pytrees, one per fine-tuned model.
-      weights: one weight per tree.
-      method: "task_arithmetic", "ties", "dare_linear", "dare_ties" or "magnitude_prune".
-      base: optional pytree of the base model; task vectors are `tree - base`
-        and the result is `base + merged`.
-      density: fraction kept, required by the pruning methods.
-      majority_sign_method: "total" or "frequency" (ties, dare_ties).
-      key: `jax.random.key`, required by the DARE methods; leaf keys are
+      weights: one weight per tree (the methods' `weight`; default 1 each).
+      method: a method name, e.g. "ties", "dare_ties", "slerp", "model_stock".
+      base: optional pytree of the base model. Task-vector methods (ties, dare,
+        task_arithmetic, ...) then merge `tree - base` and return `base + merged`;
+        without a base they take `trees` as task vectors.
+      key: `jax.random.key`, required by random methods; leaf keys are
         `path_key(key, path)`.
       mesh: optional `jax.sharding.Mesh`: each leaf is sharded over it
-        (`jaxmerge.sharding.leaf_sharding`) and merged in place.
+        (`jaxmerge.core.sharding.leaf_sharding`) and merged in place.
+      **params: the method's parameters (`density=0.2`, `majority_sign_method=...`,
+        `t=0.5`, ...), a scalar or one value per tree for per-model ones. Methods
+        that PEFT has keep PEFT's semantics unless `semantics="mergekit"`.
 
     Returns:
       A pytree of the structure of `trees[0]`. Non-float leaves (step counters,
       say) must be equal in every tree and are passed through.
 
     Raises:
-      ValueError: structures differ (the first differing path is named), a bad
-        method or weight count, or a missing density or key.
+      ValueError: structures differ (the first differing path is named), an
+        unknown method or parameter, a bad value or weight count, a missing key.
     """
-    v.check_choice("method", method, METHODS)
     if not trees:
         raise ValueError("trees must hold at least one pytree, got an empty sequence")
-    if method in _PRUNED and density is None:
-        raise ValueError(f"density is required for method={method!r}")
-    if method in _RANDOM:
+    if weights is not None:
+        params["weight"] = [float(x) for x in np.asarray(v.as_weights(weights, len(trees)))]
+    spec, bound = bind_method(method, params, len(trees), base is not None, "merge_params")
+    if spec.random:
         key = v.check_key(key)
     paths, first_leaves, treedef = _paths_and_leaves(trees[0])
     columns = [first_leaves]
@@ -156,7 +151,6 @@ def merge_params(
     if base is not None:
         base_paths, base_leaves, _ = _paths_and_leaves(base)
         _check_same_structure(paths, base_paths, "base")
-    w = v.as_weights(weights, len(trees))
     for j, path in enumerate(paths):
         shapes = {jnp.shape(col[j]) for col in columns}
         if len(shapes) > 1:
@@ -172,13 +166,9 @@ def merge_params(
             continue
         merged.append(
             merge_leaf(
-                leaves,
-                w,
-                method=method,
+                leaves, spec, bound,
                 base=None if base_leaves is None else base_leaves[j],
-                density=density,
-                majority_sign_method=majority_sign_method,
-                key=path_key(key, path) if method in _RANDOM else None,
+                key=path_key(key, path) if spec.random else None,
                 mesh=mesh,
             )
         )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from jaxmerge.safetensors_io import CheckpointError
+from jaxmerge.io.safetensors_io import CheckpointError
 
 _TOP_KEYS = {
     "method", "base", "density", "majority_sign_method", "seed", "output", "max_shard_size",
@@ -38,7 +38,7 @@ class Recipe:
     inputs: list[str]
     weights: list[float]
     density: float | list[float] | None = None
-    majority_sign_method: str = "total"
+    majority_sign_method: str | None = None
     seed: int = 0
     base: str | None = None
     output: str | None = None
@@ -85,7 +85,7 @@ def load_recipe(path: str | Path) -> Recipe:
     resolve = lambda p: None if p is None else str(here / p)  # noqa: E731
     return Recipe(
         method=data["method"], inputs=inputs, weights=weights, density=density,
-        majority_sign_method=data.get("majority_sign_method", "total"), seed=int(data.get("seed", 0)),
+        majority_sign_method=data.get("majority_sign_method"), seed=int(data.get("seed", 0)),
         base=resolve(data.get("base")), output=resolve(data.get("output")),
         max_shard_size=str(data.get("max_shard_size", "5GB")),
         svd_rank=data.get("svd_rank"), svd_clamp=data.get("svd_clamp"),

@@ -22,10 +22,10 @@ def _floats(text: str) -> list[float]:
 def _merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from jaxmerge.adapters import COMBINATION_TYPES, merge_lora
-    from jaxmerge.checkpoints import merge_checkpoints, plan_merge
-    from jaxmerge.recipe import Recipe, load_recipe
-    from jaxmerge.safetensors_io import CheckpointError
+    from jaxmerge.io.adapters import COMBINATION_TYPES, merge_lora
+    from jaxmerge.io.checkpoints import merge_checkpoints, plan_merge
+    from jaxmerge.io.recipe import Recipe, load_recipe
+    from jaxmerge.io.safetensors_io import CheckpointError
 
     try:
         if len(args.inputs) == 1 and args.inputs[0].endswith((".yaml", ".yml")):
@@ -63,14 +63,14 @@ def _merge(args: argparse.Namespace) -> int:
                 return 0
             merge_lora(
                 recipe.inputs, recipe.weights, recipe.output, combination_type=recipe.method, density=recipe.density,
-                majority_sign_method=recipe.majority_sign_method, svd_rank=recipe.svd_rank,
+                majority_sign_method=recipe.majority_sign_method or "total", svd_rank=recipe.svd_rank,
                 svd_clamp=recipe.svd_clamp, seed=recipe.seed, force=args.force,
             )
         else:
             common = dict(
                 method=recipe.method, weights=recipe.weights, density=recipe.density,
                 majority_sign_method=recipe.majority_sign_method, seed=recipe.seed, base=recipe.base,
-                max_shard_size=recipe.max_shard_size,
+                max_shard_size=recipe.max_shard_size, **dict(args.param or []),
             )
             if args.dry_run:
                 plan, _, _ = plan_merge(recipe.inputs, recipe.output, **common)
@@ -81,7 +81,7 @@ def _merge(args: argparse.Namespace) -> int:
                 return 0
             mesh = None
             if args.devices is not None:
-                from jaxmerge.sharding import make_mesh
+                from jaxmerge.core.sharding import make_mesh
 
                 mesh = make_mesh(args.devices)
             merge_checkpoints(recipe.inputs, recipe.output, force=args.force, progress=not args.quiet, mesh=mesh, **common)
@@ -89,6 +89,38 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"jaxmerge merge: error: {err}", file=sys.stderr)
         return 2
     print(f"merged into {Path(recipe.output).resolve()}")
+    return 0
+
+
+def _param(text: str) -> tuple[str, object]:
+    """NAME=VALUE for --param: numbers, true/false, or a string; the method table checks it."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    import yaml
+
+    return name.strip(), yaml.safe_load(value)
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from jaxmerge.methods import _table as table
+
+    methods = table.all_methods()
+    if args.name:
+        try:
+            methods = (table.get(args.name),)
+        except table.MethodError as err:
+            print(f"jaxmerge methods: error: {err}", file=sys.stderr)
+            return 2
+    for m in methods:
+        models = f"{m.min_models}+" if m.max_models is None else (
+            str(m.min_models) if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}"
+        )
+        flags = [f"base {m.base.value}", f"models {models}"] + (["random (seeded)"] if m.random else [])
+        print(f"{m.name}: {m.summary} [{', '.join(flags)}]")
+        print(f"  paper: {m.paper}")
+        for p in m.params:
+            print(f"  {p.describe()}")
     return 0
 
 
@@ -141,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("inputs", nargs="+", metavar="INPUT", help="checkpoints, adapter directories, or one recipe.yaml")
     merge.add_argument(
         "--method",
-        help="checkpoints: task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune; "
+        help="checkpoints: any method of `jaxmerge methods`; "
         "adapters: a LoRA combination type (linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, "
         "dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd)",
     )
@@ -152,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", help="base checkpoint: task vectors are input - base, the result base + merge")
     merge.add_argument("--output", help="output directory (created atomically)")
     merge.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+    merge.add_argument(
+        "--param", action="append", type=_param, metavar="NAME=VALUE",
+        help="any other parameter of the method, e.g. --param t=0.5 --param normalize=false (see `jaxmerge methods`)",
+    )
     merge.add_argument("--svd-rank", type=int, help="rank of the *_svd LoRA types (default: the largest input rank)")
     merge.add_argument("--svd-clamp", type=float, help="quantile at which *_svd factors are clamped")
     merge.add_argument("--devices", type=int, help="shard each tensor over this many devices (JAX's SPMD; checkpoints only)")
@@ -159,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, dtypes, peak memory); write nothing")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(run=_merge)
+
+    methods = commands.add_parser(
+        "methods",
+        help="list every merge method with its parameters and paper",
+        description="List the method table: each method's parameters (type, scope, default, range), base policy, "
+        "model count and paper. These names and parameters are what recipes, --method/--param and merge_params take.",
+    )
+    methods.add_argument("name", nargs="?", help="show one method only")
+    methods.set_defaults(run=_methods)
     return parser
 
 

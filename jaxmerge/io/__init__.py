@@ -1,0 +1,1 @@
+"""Model-file I/O: safetensors checkpoints, LoRA adapters, recipes, atomic outputs."""
