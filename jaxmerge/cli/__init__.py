@@ -112,10 +112,20 @@ def _methods(args: argparse.Namespace) -> int:
         except table.MethodError as err:
             print(f"jaxmerge methods: error: {err}", file=sys.stderr)
             return 2
+    if args.markdown:
+        print("| method | what it does | base | models | parameters (default) | paper |")
+        print("| --- | --- | --- | --- | --- | --- |")
     for m in methods:
         models = f"{m.min_models}+" if m.max_models is None else (
             str(m.min_models) if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}"
         )
+        if args.markdown:
+            params = ", ".join(
+                f"`{p.name}`" + ("" if p.required else f" ({'auto' if p.default is None else p.default})") + ("*" if p.scope.value != "shared" else "")
+                for p in m.params
+            )
+            print(f"| `{m.name}` | {m.summary}{' (random)' if m.random else ''} | {m.base.value} | {models} | {params} | {m.paper} |")
+            continue
         flags = [f"base {m.base.value}", f"models {models}"] + (["random (seeded)"] if m.random else [])
         print(f"{m.name}: {m.summary} [{', '.join(flags)}]")
         print(f"  paper: {m.paper}")
@@ -203,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model count and paper. These names and parameters are what recipes, --method/--param and merge_params take.",
     )
     methods.add_argument("name", nargs="?", help="show one method only")
+    methods.add_argument("--markdown", action="store_true", help="print the table as Markdown (as in the README)")
     methods.set_defaults(run=_methods)
     return parser
 

@@ -18,7 +18,7 @@ from jax import lax
 from jaxmerge.core import _validation as v
 from jaxmerge.core._dtypes import compute_dtype
 
-from jaxmerge.core.selection import density_to_k, keep_top_k_magnitude, top_k_magnitude_mask
+from jaxmerge.core.selection import density_to_k, keep_top_k_magnitude, masked, top_k_magnitude_mask
 
 
 _MASK_LEVELS = 1 << 16
@@ -58,9 +58,9 @@ def random_mask(key: jax.Array, density, shape) -> jax.Array:
 def drop_and_rescale(x: jax.Array, density, key: jax.Array, rescale: bool) -> jax.Array:
     """Random pruning of one tensor (traceable; no validation). See `random_pruning`.
 
-    Dropped entries are multiplied by 0, as PEFT does: a NaN or inf stays NaN.
+    Dropped entries are `x * 0`, as in PEFT: a NaN or inf stays NaN (`selection.masked`).
     """
-    kept = x * random_mask(key, density, x.shape).astype(x.dtype)
+    kept = masked(x, random_mask(key, density, x.shape))
     if not rescale:
         return kept
     cd = compute_dtype(x.dtype)
@@ -92,7 +92,7 @@ def keep_magnitude_band(x: jax.Array, k, k_top, partitioned: bool = False) -> ja
     cdt = jnp.asarray(k).dtype
     upper = top_k_magnitude_mask(x, jnp.asarray(k, cdt) + jnp.asarray(k_top, cdt), partitioned)
     outliers = top_k_magnitude_mask(x, k_top, partitioned)
-    return x * (upper & ~outliers).astype(x.dtype)
+    return masked(x, upper & ~outliers)
 
 
 def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
@@ -117,7 +117,7 @@ def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
     d = jnp.asarray(density, cd)
     probs = (d - epsilon) + rank_norm * 2 * jnp.asarray(epsilon, cd)
     keep = jax.random.uniform(key, magnitude.shape, cd) < probs
-    kept = rows * keep.astype(rows.dtype)
+    kept = masked(rows, keep)
     kept = jnp.where(d >= 1, rows, jnp.where(d <= 0, jnp.zeros((), rows.dtype), kept))
     return kept.reshape(x.shape)
 

@@ -423,12 +423,18 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
     return bits >= threshold + above_cut
 
 
-def keep_top_k_magnitude(x: jax.Array, k, partitioned: bool = False) -> jax.Array:
-    """x with all but its k largest-magnitude entries multiplied by zero (exact count, see module doc).
+def masked(x: jax.Array, keep: jax.Array) -> jax.Array:
+    """`x * keep` as torch computes it: dropped entries are `x * 0`, so NaN and inf become NaN.
 
-    Multiplied, as PEFT does, so a pruned inf becomes NaN there too.
+    Written as a select of `x * 0` because XLA rewrites a product with a
+    converted boolean into a select of 0, which would hide a NaN.
     """
-    return x * top_k_magnitude_mask(x, k, partitioned).astype(x.dtype)
+    return jnp.where(keep, x, x * jnp.zeros((), x.dtype))
+
+
+def keep_top_k_magnitude(x: jax.Array, k, partitioned: bool = False) -> jax.Array:
+    """x with all but its k largest-magnitude entries zeroed as PEFT does (`masked`; exact count, see module doc)."""
+    return masked(x, top_k_magnitude_mask(x, k, partitioned))
 
 
 def density_to_k(density, n: int):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxmerge.core import _validation as v
 from jaxmerge.core._dtypes import compute_dtype
+from jaxmerge.core.selection import masked
 
 
 def sum_tasks(values) -> jax.Array:
@@ -52,7 +53,7 @@ def disjoint_mean(values, agrees, divisors=None) -> jax.Array:
     inf in any task makes the entry NaN even where that task disagrees.
     """
     dtype = values[0].dtype
-    total = sum_tasks([x * a.astype(dtype) for x, a in zip(values, agrees)])
+    total = sum_tasks([masked(x, a) for x, a in zip(values, agrees)])
     if divisors is None:
         return total
     count = sum_tasks([a.astype(dtype) * d for a, d in zip(agrees, divisors)])

@@ -194,7 +194,8 @@ class Method:
 
         Args:
           values: parameter values; a per-model parameter takes a scalar (same for
-            every model) or a sequence of `num_inputs` values (None: the default).
+            every model) or a sequence with one value per model, the base left
+            out for `PER_MODEL` parameters (None: the default).
           num_inputs: number of inputs, the base included when it is an input.
           where: prefix naming the source in errors (a recipe file, "merge_params").
           base_index: the base's slot among the inputs, or None; a `PER_MODEL`
@@ -223,12 +224,20 @@ class Method:
                 else:
                     bound[p.name] = p.check(value, label)
                 continue
-            per_model = list(value) if isinstance(value, (list, tuple)) else [value] * num_inputs
-            if len(per_model) != num_inputs:
-                raise MethodError(f"{label}: got {len(per_model)} values for {num_inputs} models")
+            skips_base = p.scope is Scope.PER_MODEL and base_index is not None
+            if isinstance(value, (list, tuple)):
+                # A per-model list names the models other than the base; the base's slot is added here.
+                expected = num_inputs - skips_base
+                if len(value) != expected:
+                    raise MethodError(f"{label}: got {len(value)} values for {expected} models")
+                per_model = list(value)
+                if skips_base:
+                    per_model.insert(base_index, None)
+            else:
+                per_model = [value] * num_inputs
             out = []
             for i, item in enumerate(per_model):
-                if i == base_index and p.scope is Scope.PER_MODEL:
+                if skips_base and i == base_index:
                     out.append(None if p.required else p.default)
                 elif item is None:
                     if p.required:

@@ -60,13 +60,7 @@ def bind_method(method: str, params: dict, num_models: int, has_base: bool, wher
     spec = table.get(method)
     num_inputs = num_models + (has_base and spec.base is not table.BasePolicy.IGNORED)
     spec.check_inputs(num_inputs, has_base)
-    given = {}
-    for name, value in params.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)) and num_inputs > num_models:
-            value = (None, *value)  # the base's slot: the parameter's default
-        given[name] = value
+    given = {name: value for name, value in params.items() if value is not None}
     return spec, spec.bind(given, num_inputs, where, base_index=0 if num_inputs > num_models else None)
 
 
