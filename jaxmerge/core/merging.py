@@ -64,7 +64,7 @@ PEFT_TIES = Rule(sparsify="magnitude", consensus="total", vote="pruned", divide=
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "partitioned"))
-def _merge_kernel(tasks, weights, density, k, k_top, epsilon, lam, key, *, rule: Rule, partitioned=False):
+def _merge_kernel(tasks, weights, density, k, k_top, epsilon, lam, key, base=None, *, rule: Rule, partitioned=False):
     """The one merge kernel: sparsify each task, weight, then a sum or TIES' disjoint merge.
 
     Args:
@@ -76,12 +76,19 @@ def _merge_kernel(tasks, weights, density, k, k_top, epsilon, lam, key, *, rule:
       epsilon: (num_tasks,) DELLA's spread of keep probabilities.
       lam: scalar multiplying the merged task vector (mergekit's lambda).
       key: PRNG key (random methods) or None.
+      base: None, or the base tensor: `tasks` are then models, the task vectors
+        `model - base` are taken inside the kernel in the compute dtype (no
+        tensor-sized temporaries between calls, no bfloat16 rounding of the
+        deltas) and the result is `base + merged`, rounded once.
       rule: a static `Rule`.
       partitioned: the tasks are sharded over several devices (see `selection.top_k_magnitude_mask`).
     """
     tasks = v.unstack(tasks)
     out_dtype = tasks[0].dtype
     cd = compute_dtype(out_dtype)
+    if base is not None:
+        # Task vectors in the compute dtype: a bfloat16 model's deltas are not rounded to bfloat16.
+        tasks = [t.astype(cd) - base.astype(cd) for t in tasks]
     keys = jax.random.split(key, len(tasks)) if key is not None else [None] * len(tasks)
     tasks = [
         sparsify_task(t, rule, density[i], k[i], k_top[i], epsilon[i], keys[i], partitioned)
@@ -101,7 +108,9 @@ def _merge_kernel(tasks, weights, density, k, k_top, epsilon, lam, key, *, rule:
             jnp.ones((), cd) if rule.divide == "count" else w[i] for i in range(len(tasks))
         ]
         merged = elect_and_merge(voters, weighted, divisors, rule.consensus)
-    return (merged * lam.astype(cd)).astype(out_dtype)
+    merged = merged * lam.astype(cd)
+    # One rounding to the output dtype, after the base is added.
+    return (merged if base is None else base.astype(cd) + merged).astype(out_dtype)
 
 
 def sparsify_task(t, rule: Rule, density, k, k_top, epsilon, key, partitioned):
@@ -138,6 +147,7 @@ def merge_task_vectors(
     k=None,
     k_top=0,
     epsilon=0.0,
+    base=None,
 ):
     """Validate, then run the kernel once: the entry point of every task-vector method.
 
@@ -150,9 +160,11 @@ def merge_task_vectors(
       lam: scalar multiplier of the result.
       k: per-task entries kept (default: PEFT's `int(density * size)`).
       k_top, epsilon: per-task band and DELLA parameters.
+      base: optional base tensor: `task_tensors` are then models and the result
+        is `base + merge(model - base)`, all in one kernel.
 
     Returns:
-      The merged task vector, in the task tensors' dtype.
+      The merged task vector (or model, with `base`), in the task tensors' dtype.
     """
     if rule.consensus is not None:
         v.check_choice("majority_sign_method", rule.consensus, v.SIGN_METHODS)
@@ -180,7 +192,7 @@ def merge_task_vectors(
         tasks, w,
         _as_per_task(density, n, np.float32),
         _as_per_task(k, n, cdt), _as_per_task(k_top, n, cdt), _as_per_task(epsilon, n, jnp.float32),
-        lam if isinstance(lam, jax.Array) else np.float32(lam), key,
+        lam if isinstance(lam, jax.Array) else np.float32(lam), key, base,
         rule=rule, partitioned=v.is_partitioned(tasks),
     )
 

@@ -121,15 +121,15 @@ def _task_vector_merge(sparsify, consensus, default_normalize, default_rescale):
             )
         n = _size(models[0].shape)
         k, k_top = _keep_counts(sparsify, semantics, densities, n, gamma and non_base(gamma, base_index))
-        # Without a base the inputs are task vectors already (merge_params, LoRA factors).
-        deltas = models if base is None else [m - base for m in models]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The density")  # density >= 1 is a valid "keep all"
             merged = merging.merge_task_vectors(
-                deltas, np.asarray(weights, np.float32), list(densities), rule=rule, key=key,
+                models, np.asarray(weights, np.float32), list(densities), rule=rule, key=key,
                 lam=lam, k=k, k_top=k_top, epsilon=0.0 if epsilon is None else list(non_base(epsilon, base_index)),
+                # Without a base the inputs are task vectors already (merge_params, LoRA factors).
+                base=base,
             )
-        return merged if base is None else (base + merged).astype(base.dtype)
+        return merged
 
     return merge
 
