@@ -22,6 +22,7 @@ and is ignored by methods that skip the base), shared ones as scalars.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -281,12 +282,19 @@ def all_methods() -> tuple[Method, ...]:
     return tuple(_REGISTRY[n] for n in sorted(_REGISTRY))
 
 
-def _load() -> None:
-    # The modules register their METHODS on import; importing them here keeps the table complete
-    # whatever the caller imported first.
-    from jaxmerge.methods import _modules
+_loaded = False
 
-    _modules.load()
+
+def _load() -> None:
+    """Import the method modules and register their METHODS, once, whatever the caller imported first."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from jaxmerge.methods._modules import MODULES
+
+    for name in MODULES:
+        register(*importlib.import_module(name).METHODS)
 
 
 def merge_tensor(
