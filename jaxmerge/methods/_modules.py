@@ -2,4 +2,5 @@
 
 MODULES = (
     "jaxmerge.methods.task_arithmetic",
+    "jaxmerge.methods.interpolation",
 )

@@ -1,0 +1,395 @@
+"""Geometric (spherical) merges: slerp, nuslerp, multislerp, karcher, nearswap.
+
+Each method is mergekit 0.1.5's definition (`mergekit/merge_methods/slerp.py`,
+`nuslerp.py`, `multislerp.py`, `karcher.py`, `nearswap.py`): same parameters,
+defaults, base handling, thresholds and fallbacks. The work is done in jitted
+JAX kernels in float32 at least (float64 stays float64) and the result has the
+inputs' dtype. Parameters that mergekit lets vary per layer (`t`, weights, eps,
+max_iter, tol) are traced values, so a gradient of `t` over layers compiles
+once per tensor shape; only boolean options are static.
+
+References: slerp, Shoemake, 1985, "Animating rotation with quaternion curves"
+(SIGGRAPH '85); nuslerp and multislerp, Goddard et al., 2024, mergekit,
+arXiv:2403.13257 and https://goddard.blog/posts/multislerp-wow-what-a-cool-idea;
+karcher, Wang, Ye & Yin, 2026, arXiv:2603.04972 (Karcher, 1977, Riemannian
+centre of mass); nearswap, alchemonaut, 2024,
+https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge.core._dtypes import compute_dtype
+from jaxmerge.methods._table import REQUIRED, BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs
+
+# mergekit's slerp() defaults (not parameters of its merge method).
+SLERP_DOT_THRESHOLD = 0.9995
+SLERP_EPS = 1e-8
+NUSLERP_EPS = 1e-8  # colinear when 1 - cos^2 <= eps^2
+NUSLERP_NORM_EPS = 1e-7  # clamp of the norms in nuslerp's _normalize
+
+
+def _norm(x, axis=None, keepdims=False):
+    return jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=keepdims))
+
+
+def _safe(x, bad):
+    """`x` where not `bad`, else 1: keeps the unselected branch of a `where` finite."""
+    return jnp.where(bad, jnp.ones_like(x), x)
+
+
+# --------------------------------------------------------------------------- slerp
+
+
+@jax.jit
+def slerp(t, v0, v1):
+    """Spherical linear interpolation of two whole tensors (mergekit's `slerp`).
+
+    With a = v0, b = v1 flattened, cos(theta) = <a/|a|, b/|b|> (norms at or below
+    eps = 1e-8 taken as 1, clamped to [-1, 1]):
+
+        slerp(t) = sin((1 - t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b
+
+    and the linear (1 - t) a + t b when |cos(theta)| > 0.9995 (collinear or
+    antipodal). The inputs are not normalised: the result keeps their scale.
+    Shoemake, 1985, Animating rotation with quaternion curves, SIGGRAPH '85.
+
+    Args:
+      t: interpolation factor (a traced scalar; t = 0 gives v0, t = 1 gives v1).
+      v0, v1: same-shape arrays (v0 is the base in the merge method).
+
+    Returns:
+      The interpolated array, in v0's dtype.
+    """
+    cd = compute_dtype(v0.dtype)
+    a = v0.reshape(-1).astype(cd)
+    b = v1.reshape(-1).astype(cd)
+    t = jnp.asarray(t, cd)
+    if a.size == 0:
+        return ((1 - t) * a + t * b).reshape(v0.shape).astype(v0.dtype)
+    norm_a, norm_b = _norm(a), _norm(b)
+    norm_a = jnp.where(norm_a > SLERP_EPS, norm_a, 1)
+    norm_b = jnp.where(norm_b > SLERP_EPS, norm_b, 1)
+    # Normalise before the product, as mergekit does, so the raw dot cannot overflow.
+    dot = jnp.clip(jnp.sum((a / norm_a) * (b / norm_b)), -1, 1)
+    linear = jnp.abs(dot) > SLERP_DOT_THRESHOLD
+    theta = jnp.arccos(jnp.where(linear, 0, dot))
+    sin_theta = _safe(jnp.sin(theta), linear)
+    coef_a = jnp.where(linear, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
+    coef_b = jnp.where(linear, t, jnp.sin(t * theta) / sin_theta)
+    return (coef_a * a + coef_b * b).reshape(v0.shape).astype(v0.dtype)
+
+
+def _slerp_merge(inputs, base_index, *, key, t):
+    models, base = split_inputs(inputs, base_index)
+    return slerp(t, base, models[0])
+
+
+# --------------------------------------------------------------------------- nuslerp
+
+
+@functools.partial(jax.jit, static_argnames=("row_wise", "flatten"))
+def nuslerp(t, v0, v1, *, row_wise=False, flatten=True):
+    """mergekit's `nuslerp`: slerp of unnormalised vectors along rows, columns or the whole tensor.
+
+    With u = v / max(|v|, 1e-7) along the chosen axis and cos(theta) = <u0, u1>:
+
+        nuslerp(t) = (sin((1 - t) theta) v0 + sin(t theta) v1) / sin(theta)
+
+    and (1 - t) v0 + t v1 where 1 - cos^2(theta) <= 1e-16 (colinear).
+
+    Args:
+      t: interpolation factor (traced scalar).
+      v0, v1: same-shape arrays.
+      row_wise: without `flatten`, interpolate along axis 0 (columns of a
+        matrix) instead of the last axis (rows).
+      flatten: interpolate the flattened tensors as one vector (mergekit's default).
+
+    Returns:
+      The interpolated array, in v0's dtype.
+    """
+    cd = compute_dtype(v0.dtype)
+    out_shape, dtype = v0.shape, v0.dtype
+    v0, v1 = v0.astype(cd), v1.astype(cd)
+    t = jnp.asarray(t, cd)
+    swap = row_wise and not flatten
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif swap:
+        v0, v1 = jnp.swapaxes(v0, 0, -1), jnp.swapaxes(v1, 0, -1)
+
+    def unit(x):
+        return x / jnp.maximum(_norm(x, axis=-1, keepdims=True), NUSLERP_NORM_EPS)
+
+    cos_theta = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=-1, keepdims=True), -1, 1)
+    colinear = (1 - cos_theta * cos_theta) <= NUSLERP_EPS**2
+    theta = jnp.arccos(jnp.where(colinear, 0, cos_theta))
+    sin_theta = _safe(jnp.sin(theta), colinear)
+    spherical = (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / sin_theta
+    result = jnp.where(colinear, (1 - t) * v0 + t * v1, spherical)
+    if swap:
+        result = jnp.swapaxes(result, 0, -1)
+    return result.reshape(out_shape).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("row_wise", "flatten"))
+def _nuslerp_kernel(weights, m0, m1, base, *, row_wise, flatten):
+    # mergekit: t = w1 / (w0 + w1), 0.5 when the weights sum to (almost) 0.
+    total = weights[0] + weights[1]
+    t = jnp.where(jnp.abs(total) < 1e-6, 0.5, weights[1] / _safe(total, total == 0))
+    if base is None:
+        return nuslerp(t, m0, m1, row_wise=row_wise, flatten=flatten)
+    cd = compute_dtype(base.dtype)
+    b = base.astype(cd)
+    delta = nuslerp(t, m0.astype(cd) - b, m1.astype(cd) - b, row_wise=row_wise, flatten=flatten)
+    return (b + delta).astype(base.dtype)
+
+
+def _nuslerp_merge(inputs, base_index, *, key, weight, nuslerp_flatten, nuslerp_row_wise):
+    models, base = split_inputs(inputs, base_index)
+    weights = np.asarray(non_base(weight, base_index), np.float32)
+    return _nuslerp_kernel(weights, models[0], models[1], base, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+
+
+def _count_models(bound) -> int:
+    # `weight` is required, so only the base's slot holds None.
+    return sum(w is not None for w in bound["weight"])
+
+
+def _check_nuslerp(bound, num_inputs):
+    n = _count_models(bound)
+    if n != 2:
+        raise MethodError(f"method nuslerp takes exactly 2 models besides the base, got {n}")
+
+
+# --------------------------------------------------------------------------- multislerp
+
+
+@functools.partial(jax.jit, static_argnames=("normalize_weights",))
+def _multislerp_kernel(tensors, weights, base, eps, *, normalize_weights):
+    cd = compute_dtype(tensors[0].dtype)
+    shape, dtype = tensors[0].shape, tensors[0].dtype
+    flat = [x.reshape(-1).astype(cd) for x in tensors]
+    if base is not None:
+        b = base.reshape(-1).astype(cd)
+        flat = [x - b for x in flat]
+    w = weights.astype(cd)
+    if normalize_weights:
+        w = w / jnp.sum(w)
+    eps = jnp.asarray(eps, cd)
+    norms = [_norm(x) for x in flat]
+    units = [x / (n + eps) for x, n in zip(flat, norms)]
+    mean = sum(w[i] * u for i, u in enumerate(units))
+    mean_norm = _norm(mean)
+    degenerate = mean_norm < eps
+    mean = mean / _safe(mean_norm, degenerate)
+    # Log map at the normalised weighted mean, weighted sum, exponential map back.
+    tangent = sum(w[i] * (u - jnp.sum(u * mean) * mean) for i, u in enumerate(units))
+    tangent_norm = _norm(tangent) + eps
+    result = mean * jnp.cos(tangent_norm) + tangent * (jnp.sin(tangent_norm) / tangent_norm)
+    result = result * sum(w[i] * n for i, n in enumerate(norms))
+    if len(flat) == 2:  # mergekit's fallback for a zero weighted mean: linear interpolation
+        result = jnp.where(degenerate, w[0] * flat[0] + w[1] * flat[1], result)
+    if base is not None:
+        result = result + b
+    return result.reshape(shape).astype(dtype), degenerate
+
+
+def _multislerp_merge(inputs, base_index, *, key, weight, normalize_weights, eps):
+    models, base = split_inputs(inputs, base_index)
+    if len(models) == 1:  # mergekit returns the one model itself, base or not
+        return models[0]
+    weights = np.asarray(non_base(weight, base_index), np.float32)
+    result, degenerate = _multislerp_kernel(tuple(models), weights, base, eps, normalize_weights=normalize_weights)
+    # mergekit raises here for 3+ models; the check costs one device sync, so only where it can fire.
+    if len(models) > 2 and bool(degenerate):
+        raise MethodError(
+            "multislerp: the weighted mean of the normalised models is zero (antipodal models whose "
+            "weights cancel); use different weights"
+        )
+    return result
+
+
+def _check_multislerp(bound, num_inputs):
+    n = _count_models(bound)
+    if n < 1:
+        raise MethodError("method multislerp takes at least 1 model besides the base, got 0")
+    weights = [w for w in bound["weight"] if w is not None]
+    if n > 1 and bound["normalize_weights"] and sum(weights) == 0:
+        raise MethodError(
+            f"multislerp: weight sums to 0 ({weights}), so normalize_weights cannot divide by it; "
+            "set normalize_weights: false"
+        )
+
+
+# --------------------------------------------------------------------------- karcher
+
+
+@jax.jit
+def karcher_mean(tensors, max_iter=10, tol=1e-5):
+    """mergekit's `karcher_merge_tensors` with equal weights 1/n: Karcher mean on the unit sphere.
+
+    With units u_i = x_i / |x_i| of the models whose norm exceeds `tol` and
+    alphas a_i = 1/n renormalised over them, start at the normalised weighted
+    mean m (u_first if its norm is below tol) and repeat up to `max_iter` times
+
+        v = sum_i a_i theta_i / sin(theta_i) (u_i - cos(theta_i) m),  theta_i = arccos<m, u_i>
+        m <- cos|v| m + sin|v| v / |v|   (then renormalised)
+
+    skipping terms with theta_i < tol and stopping when |v| < tol. The result is
+    (sum_i |x_i| / n) m. Wang, Ye & Yin, 2026, arXiv:2603.04972.
+
+    Args:
+      tensors: a tuple of same-shape arrays.
+      max_iter: most fixed-point steps (traced).
+      tol: threshold on norms, angles and the step (traced).
+
+    Returns:
+      The mean, in the inputs' dtype.
+    """
+    cd = compute_dtype(tensors[0].dtype)
+    shape, dtype = tensors[0].shape, tensors[0].dtype
+    n = len(tensors)
+    tol = jnp.asarray(tol, cd)
+    flat = jnp.stack([x.reshape(-1).astype(cd) for x in tensors])
+    norms = _norm(flat, axis=1)
+    units = flat / _safe(norms, norms == 0)[:, None]  # a zero tensor's unit is zero
+    valid = norms > tol
+    alphas = jnp.where(valid, 1.0 / n, 0).astype(cd)
+    alphas = alphas / _safe(jnp.sum(alphas), ~jnp.any(valid))
+    mean = jnp.sum(alphas[:, None] * units, axis=0)
+    mean_norm = _norm(mean)
+    mean = jnp.where(mean_norm < tol, units[jnp.argmax(valid)], mean / _safe(mean_norm, mean_norm == 0))
+
+    def step(state):
+        i, mean, _ = state
+        # HIGHEST: no reduced-precision matmul (TF32) on accelerators.
+        dots = jnp.clip(jnp.dot(units, mean, precision=jax.lax.Precision.HIGHEST), -1, 1)
+        theta = jnp.arccos(dots)
+        skip = (theta < tol) | ~valid
+        factor = jnp.where(skip, 0, alphas * theta / _safe(jnp.sin(theta), skip))
+        tangent = jnp.sum(factor[:, None] * (units - dots[:, None] * mean[None, :]), axis=0)
+        tangent_norm = _norm(tangent)
+        done = tangent_norm < tol
+        moved = jnp.cos(tangent_norm) * mean + jnp.sin(tangent_norm) * (tangent / _safe(tangent_norm, done))
+        unit_norm = _norm(moved)
+        moved = jnp.where(unit_norm > tol, moved / _safe(unit_norm, unit_norm <= tol), moved)
+        return i + 1, jnp.where(done, mean, moved), done
+
+    _, mean, _ = jax.lax.while_loop(
+        lambda s: (s[0] < max_iter) & ~s[2], step, (jnp.asarray(0, jnp.int32), mean, jnp.asarray(False))
+    )
+    result = (jnp.sum(norms) / n) * mean
+    # No model above tol: mergekit returns zeros.
+    return jnp.where(jnp.any(valid), result, 0).reshape(shape).astype(dtype)
+
+
+def _karcher_merge(inputs, base_index, *, key, max_iter, tol):
+    if len(inputs) == 1:
+        return inputs[0]
+    return karcher_mean(tuple(inputs), max_iter, tol)
+
+
+# --------------------------------------------------------------------------- nearswap
+
+
+@jax.jit
+def nearswap(t, a, b):
+    """mergekit's `nearswap`: move a towards b where they are already close.
+
+        w = clip(t / max(|a - b|, 1e-6), 0, 1),   result = w b + (1 - w) a
+
+    Entries closer than t take b; the others move by t towards b.
+    alchemonaut, 2024, https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001.
+
+    Args:
+      t: the distance scale (traced scalar).
+      a: the base; b: the other model.
+
+    Returns:
+      The merged array, in a's dtype.
+    """
+    cd = compute_dtype(a.dtype)
+    x, y = a.astype(cd), b.astype(cd)
+    w = jnp.clip(jnp.asarray(t, cd) / jnp.maximum(jnp.abs(x - y), 1e-6), 0, 1)
+    return (w * y + (1 - w) * x).astype(a.dtype)
+
+
+def _nearswap_merge(inputs, base_index, *, key, t):
+    models, base = split_inputs(inputs, base_index)
+    return nearswap(t, base, models[0])
+
+
+# --------------------------------------------------------------------------- table
+
+NUSLERP_WEIGHT = Param("weight", float, REQUIRED, Scope.PER_MODEL, doc="the model's weight; t = w2 / (w1 + w2)")
+MERGEKIT_PAPER = "Goddard et al., 2024, Arcee's MergeKit, arXiv:2403.13257"
+
+METHODS = (
+    Method(
+        name="slerp",
+        merge=_slerp_merge,
+        params=(Param("t", float, REQUIRED, doc="interpolation factor: 0 gives the base, 1 the other model"),),
+        base=BasePolicy.REQUIRED,
+        min_models=2,
+        max_models=2,
+        paper="Shoemake, 1985, Animating rotation with quaternion curves, SIGGRAPH '85",
+        summary="spherical interpolation from the base to the other model",
+    ),
+    Method(
+        name="nuslerp",
+        merge=_nuslerp_merge,
+        params=(
+            NUSLERP_WEIGHT,
+            Param("nuslerp_flatten", bool, True, doc="interpolate each tensor as one vector"),
+            Param("nuslerp_row_wise", bool, False, doc="without flatten: along columns (axis 0) instead of rows"),
+        ),
+        base=BasePolicy.OPTIONAL,
+        min_models=2,
+        max_models=3,
+        paper=MERGEKIT_PAPER + " (NuSLERP)",
+        summary="slerp of two models (or their task vectors with a base) by weight",
+        check=_check_nuslerp,
+    ),
+    Method(
+        name="multislerp",
+        merge=_multislerp_merge,
+        params=(
+            Param("weight", float, REQUIRED, Scope.PER_MODEL, doc="the model's weight"),
+            Param("normalize_weights", bool, True, doc="divide the weights by their sum"),
+            Param("eps", float, 1e-8, doc="stabilises the norms"),
+        ),
+        base=BasePolicy.OPTIONAL,
+        min_models=1,
+        paper="Goddard, 2025, Multi-SLERP, https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        summary="barycentric slerp of any number of models (task vectors with a base)",
+        check=_check_multislerp,
+    ),
+    Method(
+        name="karcher",
+        merge=_karcher_merge,
+        params=(
+            Param("max_iter", int, 10, doc="most fixed-point iterations"),
+            Param("tol", float, 1e-5, doc="convergence and zero-norm threshold"),
+        ),
+        base=BasePolicy.IGNORED,
+        min_models=1,
+        paper="Wang, Ye & Yin, 2026, Functionality-Oriented LLM Merging on the Fisher-Rao Manifold, arXiv:2603.04972",
+        summary="Karcher (Riemannian) mean of the models' directions, scaled by their mean norm",
+    ),
+    Method(
+        name="nearswap",
+        merge=_nearswap_merge,
+        params=(Param("t", float, REQUIRED, doc="distance below which the other model's entries are taken"),),
+        base=BasePolicy.REQUIRED,
+        min_models=2,
+        max_models=2,
+        paper="alchemonaut, 2024, NearSwap, https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        summary="take the other model's entries where they are within t of the base, move by t elsewhere",
+    ),
+)
