@@ -37,8 +37,8 @@ def read_all(path):
     return {name: c.read(name) for name in c.tensors}
 
 
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jaxmerge", "merge", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def cli(*args, timeout=300, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jaxmerge", "merge", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties"])
@@ -91,13 +91,14 @@ def test_cli_matches_api_and_recipe_with_per_model_density(tmp_path):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     recipe = tmp_path / "recipe.yaml"
+    # mergekit's schema; model paths are relative to the working directory, as in mergekit.
     recipe.write_text(
-        "method: ties\ndensity: 0.5\noutput: from_recipe\nmodels:\n"
-        "  - {path: model0.safetensors, weight: 1.0, density: 0.2}\n"
-        "  - {path: model1.safetensors, weight: 0.5}\n"
-        "  - {path: model2.safetensors, weight: 0.7, density: 0.9}\n"
+        "merge_method: ties\nparameters: {density: 0.5}\njaxmerge: {semantics: peft}\nmodels:\n"
+        "  - {model: model0.safetensors, parameters: {weight: 1.0, density: 0.2}}\n"
+        "  - {model: model1.safetensors, parameters: {weight: 0.5}}\n"
+        "  - {model: model2.safetensors, parameters: {weight: 0.7, density: 0.9}}\n"
     )
-    result = cli(recipe, "--quiet")
+    result = cli(recipe, "--output", "from_recipe", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = read_all(tmp_path / "from_recipe")
     inputs = [read_all(m) for m in models]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -19,76 +20,109 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
+_NUMBERS = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)?)*,?")
+
+
+def _join_weights(argv: list[str]) -> list[str]:
+    """`--weights -0.5,1,0.7` and `--weights -0.5 1 0.7` -> `--weights=-0.5,1,0.7`.
+
+    argparse takes `-0.5,...` for an option and stops at the first value; the
+    numbers after --weights are joined into one argument first.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--weights":
+            j = i + 1
+            while j < len(argv) and _NUMBERS.fullmatch(argv[j]):
+                j += 1
+            if j > i + 1:
+                out.append("--weights=" + ",".join(a.strip(",") for a in argv[i + 1 : j]))
+                i = j
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+_RECIPE_FLAGS = ("method", "weights", "density", "base", "majority_sign_method", "param", "svd_rank", "svd_clamp")
+
+
 def _merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from jaxmerge.io.adapters import COMBINATION_TYPES, merge_lora
-    from jaxmerge.io.checkpoints import merge_checkpoints, plan_merge
-    from jaxmerge.io.recipe import Recipe, load_recipe
+    from jaxmerge.io.recipe import load_recipe, recipe_from_flags
+    from jaxmerge.io.recipe_plan import merge_recipe, plan_recipe
     from jaxmerge.io.safetensors_io import CheckpointError
 
     try:
         if len(args.inputs) == 1 and args.inputs[0].endswith((".yaml", ".yml")):
-            recipe = load_recipe(args.inputs[0])
-            # Flags given on the command line override the recipe.
-            for name in ("method", "density", "seed", "base", "output", "max_shard_size", "svd_rank", "svd_clamp"):
+            for name in _RECIPE_FLAGS:
                 if getattr(args, name) is not None:
-                    setattr(recipe, name, getattr(args, name))
-            if args.weights is not None:
-                recipe.weights = args.weights
+                    flag = "--" + name.replace("_", "-")
+                    raise CheckpointError(f"{flag} does not combine with a recipe: set it in {args.inputs[0]}")
+            recipe = load_recipe(args.inputs[0])
         else:
+            if any(p.endswith((".yaml", ".yml")) for p in args.inputs):
+                raise CheckpointError("give one recipe.yml alone, or checkpoints with --method")
             if args.method is None:
-                raise CheckpointError("--method is required (or give a recipe.yaml)")
-            recipe = Recipe(
-                method=args.method, inputs=args.inputs,
-                weights=args.weights if args.weights is not None else [1.0] * len(args.inputs),
-                density=args.density, seed=args.seed or 0, base=args.base, output=args.output,
-                max_shard_size=args.max_shard_size or "5GB", svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
+                raise CheckpointError("--method is required for checkpoints (or give one recipe.yml)")
+            adapters = [Path(p) / "adapter_config.json" for p in args.inputs]
+            if any(a.exists() for a in adapters):
+                return _merge_adapters(args, adapters, COMBINATION_TYPES, merge_lora)
+            params = {"density": args.density, "majority_sign_method": args.majority_sign_method, **dict(args.param or [])}
+            recipe = recipe_from_flags(
+                args.inputs, method=args.method, weights=args.weights, base=args.base, params=params,
+                seed=args.seed or 0, max_shard_size=args.max_shard_size or "5GB",
             )
-        if args.majority_sign_method is not None:
-            recipe.majority_sign_method = args.majority_sign_method
-        if recipe.output is None:
-            raise CheckpointError("--output is required (or 'output:' in the recipe)")
-        adapters = [Path(p) / "adapter_config.json" for p in recipe.inputs]
-        if any(a.exists() for a in adapters):
-            if not all(a.exists() for a in adapters):
-                raise CheckpointError("inputs mix LoRA adapter directories and checkpoints: merge one kind at a time")
-            if recipe.method not in COMBINATION_TYPES:
-                raise CheckpointError(f"for LoRA adapters --method is a combination type, one of {list(COMBINATION_TYPES)}; got {recipe.method!r}")
-            if isinstance(recipe.density, list):
-                raise CheckpointError("LoRA adapters take one density for all adapters (as PEFT)")
-            if args.dry_run:
-                print(f"merge {len(recipe.inputs)} LoRA adapters with {recipe.method} into {recipe.output} "
-                      f"(weights {recipe.weights}, density {recipe.density}, seed {recipe.seed}); nothing written")
-                return 0
-            merge_lora(
-                recipe.inputs, recipe.weights, recipe.output, combination_type=recipe.method, density=recipe.density,
-                majority_sign_method=recipe.majority_sign_method or "total", svd_rank=recipe.svd_rank,
-                svd_clamp=recipe.svd_clamp, seed=recipe.seed, force=args.force,
-            )
-        else:
-            common = dict(
-                method=recipe.method, weights=recipe.weights, density=recipe.density,
-                majority_sign_method=recipe.majority_sign_method, seed=recipe.seed, base=recipe.base,
-                max_shard_size=recipe.max_shard_size, **dict(args.param or []),
-            )
-            if args.dry_run:
-                plan, _, _ = plan_merge(recipe.inputs, recipe.output, **common)
-                if Path(recipe.output).exists() and not args.force:
-                    raise FileExistsError(f"{recipe.output} exists; pass --force to replace it")
-                print(plan.describe())
-                print("dry run: nothing written")
-                return 0
-            mesh = None
-            if args.devices is not None:
-                from jaxmerge.core.sharding import make_mesh
+        if args.output is None:
+            raise CheckpointError("--output is required")
+        if args.dry_run:
+            _, plan = plan_recipe(recipe, args.output, seed=args.seed, max_shard_size=args.max_shard_size)
+            if Path(args.output).exists() and not args.force:
+                raise FileExistsError(f"{args.output} exists; pass --force to replace it")
+            print(plan.describe())
+            print("dry run: nothing written")
+            return 0
+        mesh = None
+        if args.devices is not None:
+            from jaxmerge.core.sharding import make_mesh
 
-                mesh = make_mesh(args.devices)
-            merge_checkpoints(recipe.inputs, recipe.output, force=args.force, progress=not args.quiet, mesh=mesh, **common)
+            mesh = make_mesh(args.devices)
+        merge_recipe(
+            recipe, args.output, seed=args.seed, max_shard_size=args.max_shard_size, force=args.force,
+            progress=not args.quiet, mesh=mesh, allow_nonfinite=args.allow_nonfinite,
+        )
     except (CheckpointError, ValueError, FileExistsError, TypeError) as err:
         print(f"jaxmerge merge: error: {err}", file=sys.stderr)
         return 2
-    print(f"merged into {Path(recipe.output).resolve()}")
+    print(f"merged into {Path(args.output).resolve()}")
+    return 0
+
+
+def _merge_adapters(args, adapters, combination_types, merge_lora) -> int:
+    """PEFT LoRA adapter directories, merged as PEFT's add_weighted_adapter does."""
+    from jaxmerge.io.safetensors_io import CheckpointError
+
+    if not all(a.exists() for a in adapters):
+        raise CheckpointError("inputs mix LoRA adapter directories and checkpoints: merge one kind at a time")
+    if args.method not in combination_types:
+        raise CheckpointError(f"for LoRA adapters --method is a combination type, one of {list(combination_types)}; got {args.method!r}")
+    if args.param:
+        raise CheckpointError("--param applies to checkpoints; LoRA adapters take --density, --majority-sign-method, --svd-rank, --svd-clamp")
+    if args.output is None:
+        raise CheckpointError("--output is required")
+    weights = args.weights if args.weights is not None else [1.0] * len(adapters)
+    if args.dry_run:
+        print(f"merge {len(adapters)} LoRA adapters with {args.method} into {args.output} "
+              f"(weights {weights}, density {args.density}, seed {args.seed or 0}); nothing written")
+        return 0
+    merge_lora(
+        args.inputs, weights, args.output, combination_type=args.method, density=args.density,
+        majority_sign_method=args.majority_sign_method or "total", svd_rank=args.svd_rank,
+        svd_clamp=args.svd_clamp, seed=args.seed or 0, force=args.force,
+    )
+    print(f"merged into {__import__('pathlib').Path(args.output).resolve()}")
     return 0
 
 
@@ -166,31 +200,41 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Merge models from disk, tensor by tensor, without loading whole models.\n\n"
-            "INPUTS are checkpoints (a .safetensors file, a sharded checkpoint's directory or its\n"
-            "index JSON) or PEFT LoRA adapter directories (with adapter_config.json), or a single\n"
-            "recipe.yaml (see jaxmerge/recipe.py) whose settings the flags below override.\n\n"
+            "INPUTS are checkpoints (Hugging Face model directories, Hub repo ids, a .safetensors\n"
+            "file or a sharded checkpoint's index JSON) or PEFT LoRA adapter directories, merged\n"
+            "with --method; or one recipe.yml in mergekit's configuration schema (see\n"
+            "jaxmerge/io/recipe.py), which sets the method and its parameters itself.\n\n"
             "The output appears only when complete (built in a temporary directory beside it);\n"
-            "inputs are opened read-only. The recipe, seed and jaxmerge version are recorded in\n"
-            "the output, so a merge can be repeated bit for bit."
+            "inputs are opened read-only. Model directories give a loadable model directory:\n"
+            "config.json, generation_config.json, tokenizer, README.md and the recipe\n"
+            "(mergekit_config.yml). The recipe, seed, jaxmerge version and the inputs' absolute\n"
+            "paths and sizes are recorded (jaxmerge_recipe.json), so a merge can be repeated bit for bit."
         ),
         epilog=(
             "examples:\n"
             "  jaxmerge merge ft_a/ ft_b/ ft_c/ --base base/ --method ties --density 0.2 --output merged/\n"
             "  jaxmerge merge lora_a/ lora_b/ --method dare_ties --weights 1,0.7 --density 0.5 --output lora_merged/\n"
-            "  jaxmerge merge recipe.yaml --dry-run"
+            "  jaxmerge merge mergekit_config.yml --output merged/\n"
+            "  jaxmerge merge recipe.yml --output merged/ --dry-run"
         ),
     )
     merge.add_argument("inputs", nargs="+", metavar="INPUT", help="checkpoints, adapter directories, or one recipe.yaml")
     merge.add_argument(
         "--method",
-        help="checkpoints: any method of `jaxmerge methods`; "
+        help="required for checkpoints and adapters without a recipe. Checkpoints: any method of `jaxmerge methods`; "
         "adapters: a LoRA combination type (linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, "
         "dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd)",
     )
-    merge.add_argument("--weights", type=_floats, help="one weight per input, comma separated (default: 1 each)")
-    merge.add_argument("--density", type=float, help="fraction of each task vector kept (pruning methods), in [0, 1]")
+    merge.add_argument(
+        "--weights", type=_floats,
+        help="one weight per input, comma or space separated, negatives allowed: --weights -0.5,1,0.7 (default: 1 each)",
+    )
+    merge.add_argument(
+        "--density", type=float,
+        help="fraction of each task vector kept by the pruning methods: >= 0, and 1 or more keeps everything",
+    )
     merge.add_argument("--majority-sign-method", choices=["total", "frequency"], help="sign election of ties/dare_ties (default total)")
-    merge.add_argument("--seed", type=int, help="seed of the DARE masks (default 0)")
+    merge.add_argument("--seed", type=int, help="seed of the random methods' masks (default 0, or the recipe's jaxmerge.seed)")
     merge.add_argument("--base", help="base checkpoint: task vectors are input - base, the result base + merge")
     merge.add_argument("--output", help="output directory (created atomically)")
     merge.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
@@ -202,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--svd-clamp", type=float, help="quantile at which *_svd factors are clamped")
     merge.add_argument("--devices", type=int, help="shard each tensor over this many devices (JAX's SPMD; checkpoints only)")
     merge.add_argument("--force", action="store_true", help="replace an existing output")
+    merge.add_argument(
+        "--allow-nonfinite", action="store_true",
+        help="merge inputs holding NaN or inf (by default such a tensor stops the merge, naming the file and tensor)",
+    )
     merge.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, dtypes, peak memory); write nothing")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(run=_merge)
@@ -219,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_weights(list(sys.argv[1:] if argv is None else argv)))
     return args.run(args)
 
 

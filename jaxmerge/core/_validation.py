@@ -41,8 +41,14 @@ def check_density(density: Any) -> Any:
         if jnp.ndim(density) != 0:
             raise TypeError(f"density must be a scalar, got an array of shape {jnp.shape(density)}")
         return density
+    # float("0.5") would succeed: a string (or a bool) is a caller's mistake, not a density.
+    if isinstance(density, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"density must be a number, got {type(density).__name__} {density!r}")
     if np.ndim(density) != 0:
         raise TypeError(f"density must be a scalar, got an array of shape {np.shape(density)}")
+    kind = getattr(density, "dtype", None)
+    if kind is not None and np.dtype(kind).kind not in "iuf" and not jnp.issubdtype(kind, jnp.floating):
+        raise TypeError(f"density must be a number, got dtype {kind}")
     try:
         value = float(density)
     except (TypeError, ValueError):
@@ -179,3 +185,34 @@ def as_weights(weights: Any, num_tasks: int) -> jax.Array:
     ):
         raise TypeError(f"weights must be real numbers, got dtype {w.dtype}")
     return w
+
+
+def warn_if_half_overflow(result: Any, name: str = "the merged tensor") -> Any:
+    """Warn when a float16 result holds inf: the merge is computed in float32 and
+    its value exceeded float16's range (|x| > 65504) when cast back, or an input held inf.
+
+    PEFT, given float32 weights, returns such a result in float32; jaxmerge keeps
+    the inputs' dtype, so the warning says how to keep the values (merge float32
+    copies). Only concrete float16 results are checked (bfloat16 has float32's
+    range; traced results cannot be inspected), so other dtypes cost nothing.
+
+    Args:
+      result: the merged array.
+      name: what to call it in the warning.
+
+    Returns:
+      `result` unchanged.
+    """
+    if (
+        isinstance(result, jax.Array)
+        and is_concrete(result)
+        and result.dtype == jnp.float16
+        and bool(jnp.isinf(result).any())
+    ):
+        warnings.warn(
+            f"{name} holds inf in float16: the weighted merge exceeds float16's range (65504) or an input "
+            "holds inf; merge float32 copies (x.astype(jnp.float32)) to keep finite values",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return result

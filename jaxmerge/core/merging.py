@@ -187,14 +187,14 @@ def merge_task_vectors(
         else:
             k = density_to_k(density, size)
     cdt = count_dtype()
-    return _merge_kernel(
+    return v.warn_if_half_overflow(_merge_kernel(
         # NumPy values go straight to the compiled kernel (an eager jnp.asarray costs ~40 us).
         tasks, w,
         _as_per_task(density, n, np.float32),
         _as_per_task(k, n, cdt), _as_per_task(k_top, n, cdt), _as_per_task(epsilon, n, jnp.float32),
         lam if isinstance(lam, jax.Array) else np.float32(lam), key, base,
         rule=rule, partitioned=v.is_partitioned(tasks),
-    )
+    ))
 
 
 def _merge(task_tensors, weights, density, key, *, sparsify, sign_method):

@@ -385,6 +385,8 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
       A bool array of x's shape.
     """
     n = x.size
+    if n == 0:  # nothing to select (PEFT returns the empty tensor)
+        return jnp.zeros(x.shape, jnp.bool_)
     if n > max_count():
         raise ValueError(
             f"tensor of {n} entries is larger than {max_count()}, the largest count this "

@@ -95,19 +95,65 @@ def _pattern_value(patterns: dict, key: str, default):
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
+    """Open a PEFT LoRA adapter directory; its config is checked before any weight is read.
+
+    Raises:
+      CheckpointError: one line naming the file (and the key) that is missing or wrong.
+    """
     p = Path(path)
     config_file, weights_file = p / "adapter_config.json", p / "adapter_model.safetensors"
     if not config_file.exists():
         raise CheckpointError(f"{p}: no adapter_config.json (not a PEFT adapter directory)")
     try:
         config = json.loads(config_file.read_text())
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"{config_file}: unreadable JSON ({err})") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{config_file}: peft_type is {config.get('peft_type')}, only LORA adapters merge here")
+    _check_config(config_file, config)
     if not weights_file.exists():
         raise CheckpointError(f"{p}: no adapter_model.safetensors")
     return Adapter(p, config, Checkpoint(weights_file))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_config(file: Path, config) -> None:
+    """The keys the merge reads, with their types: a wrong one is named with its file."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: must be a JSON object with the LoRA config (r, lora_alpha, ...), got a JSON {_json_type(config)}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{file}: peft_type is {config.get('peft_type')}, only LORA adapters merge here")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise CheckpointError(f"{file}: the key {key!r} is missing (a LoRA config names its rank r and lora_alpha)")
+    if not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] <= 0:
+        raise CheckpointError(f"{file}: 'r' must be a positive integer, got {config['r']!r}")
+    if not _is_number(config["lora_alpha"]):
+        raise CheckpointError(f"{file}: 'lora_alpha' must be a number, got {config['lora_alpha']!r}")
+    for key, valid, what in (
+        ("rank_pattern", lambda r: isinstance(r, int) and not isinstance(r, bool) and r > 0, "a positive integer"),
+        ("alpha_pattern", _is_number, "a number"),
+    ):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise CheckpointError(f"{file}: {key!r} must be a JSON object (module pattern -> value), got {patterns!r}")
+        for pattern, value in patterns.items():
+            if not valid(value):
+                raise CheckpointError(f"{file}: {key}[{pattern!r}] must be {what}, got {value!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise CheckpointError(f"{file}: 'use_rslora' must be true or false, got {config['use_rslora']!r}")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    ):
+        raise CheckpointError(f"{file}: 'target_modules' must be a string or a list of strings, got {targets!r}")
+
+
+def _json_type(value) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _new_target_modules(adapters: list[Adapter]):
@@ -263,7 +309,8 @@ def merge_lora(
     }
     code_of = {dt: code for code, dt in DTYPES.items()}
     infos = [TensorInfo(n, tuple(t.shape), code_of[np.dtype(t.dtype)]) for n, t in merged.items()]
-    with atomic_directory(out, force=force) as tmp:
+    planned = sum(info.nbytes for info in infos) + 64 * 1024  # the tensors, plus headers and JSON files
+    with atomic_directory(out, force=force, expected_bytes=planned) as tmp:
         writer = ShardWriter(tmp / "adapter_model.safetensors", infos, {"format": "pt", "jaxmerge_recipe": json.dumps(recipe)})
         try:
             for info in infos:

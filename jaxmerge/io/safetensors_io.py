@@ -12,12 +12,14 @@ library's own reader.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import ml_dtypes
 import numpy as np
@@ -57,13 +59,48 @@ class TensorInfo:
 
 
 def _index_files(path: Path) -> dict[str, Path]:
-    """tensor name -> file, from a sharded checkpoint's index JSON."""
+    """tensor name -> file, from a sharded checkpoint's index JSON.
+
+    Every entry must name a file inside the index's own directory: an absolute
+    path, a `..` component or a link resolving elsewhere is refused before any
+    shard is opened (an index is data, and data must not pick what gets read).
+    The one exception is the Hugging Face cache, whose snapshot files are links
+    into the repository's `blobs` directory.
+    """
     try:
         index = json.loads(path.read_text())
         weight_map = index["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors index ({err})") from None
-    return {name: path.parent / filename for name, filename in weight_map.items()}
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: weight_map must map tensor names to file names, got a JSON {type(weight_map).__name__}")
+    return {name: _shard_path(path, name, filename) for name, filename in weight_map.items()}
+
+
+def _shard_path(index: Path, tensor: str, entry) -> Path:
+    """The shard file an index entry names, if it lies inside the index's directory."""
+    if not isinstance(entry, str) or not entry.strip():
+        raise CheckpointError(f"{index}: weight_map[{tensor!r}] must be a file name, got {entry!r}")
+    where = f"{index}: weight_map[{tensor!r}] = {entry!r}"
+    parts = PurePosixPath(entry.replace("\\", "/")).parts
+    if os.path.isabs(entry) or PureWindowsPath(entry).anchor or ".." in parts:
+        raise CheckpointError(f"{where} names a file outside the index's directory; nothing was opened")
+    file = index.parent / entry
+    root = index.parent.resolve()
+    resolved = file.resolve()
+    if root not in resolved.parents and not _hub_blob(index.parent, resolved):
+        raise CheckpointError(
+            f"{where} resolves to {resolved}, outside the index's directory; nothing was opened"
+        )
+    return file
+
+
+def _hub_blob(directory: Path, resolved: Path) -> bool:
+    """True for the Hugging Face cache layout: <repo>/snapshots/<rev>/... linking into <repo>/blobs/."""
+    for ancestor in (directory.absolute(), *directory.absolute().parents):
+        if ancestor.name == "snapshots":
+            return resolved.parent == (ancestor.parent / "blobs").resolve()
+    return False
 
 
 def resolve_files(path: str | os.PathLike) -> dict[str, Path] | list[Path]:
@@ -114,7 +151,9 @@ class Checkpoint:
     def read(self, name: str, framework: str = "numpy"):
         """One tensor: a NumPy array (bfloat16 via ml_dtypes), or with framework="flax" a JAX
         array read straight from the memory map (one copy, none through NumPy)."""
-        file = self._file_of[name]
+        file = self._file_of.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
         try:
             with safe_open(str(file), framework=framework) as f:
                 return f.get_tensor(name)
@@ -173,6 +212,7 @@ class ShardWriter:
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        _check_room(path, 8 + len(raw) + offset)
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(raw)))
         self._file.write(raw)
@@ -194,7 +234,20 @@ class ShardWriter:
         self._file.close()
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # the close flushes the buffer: on a full disk it fails again; the file is discarded anyway
+
+
+def _check_room(path: Path, size: int) -> None:
+    """Fail before writing a file of `size` bytes that cannot fit (the caller names the output)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return  # no statistics: the writes will tell
+    if free < size:
+        raise OSError(errno.ENOSPC, f"No space left on device: {path.name} needs {size} bytes, {free} are free")
 
 
 def shard_names(count: int, stem: str = "model") -> list[str]:

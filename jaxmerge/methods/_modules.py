@@ -3,4 +3,6 @@
 MODULES = (
     "jaxmerge.methods.task_arithmetic",
     "jaxmerge.methods.interpolation",
+    "jaxmerge.methods.adaptive",
+    "jaxmerge.methods.subspace",
 )

@@ -1,0 +1,261 @@
+"""Hugging Face model directories: Hub ids in, layer numbering, a loadable and publishable output.
+
+Inputs are local paths (a model directory, a .safetensors file or an index) or
+Hub repo ids `org/name[@revision]` resolved through `huggingface_hub`'s cache
+(`HF_HUB_CACHE` / `HF_HOME`; with `HF_HUB_OFFLINE=1` nothing is downloaded).
+
+Layers are found from the tensor names, whatever the architecture calls them
+(`model.layers.N.` in Llama/Mistral/Qwen2, `transformer.h.N.` or `h.N.` in
+GPT-2, `gpt_neox.layers.N.`, `transformer.blocks.N.`, ...): the prefix before
+the first numeric name component whose indices run 0..L-1, L being the
+config's layer count (`num_hidden_layers`, `n_layer`, ...).
+
+The output directory gets what `from_pretrained` and the Hub expect besides the
+weights: config.json (from the base model, else the first model; its dtype
+field set to the output's dtype, its layer count to the merged model's),
+generation_config.json, the tokenizer files of the tokenizer source, a
+README.md model card and the recipe (mergekit_config.yml).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from jaxmerge.io.safetensors_io import CheckpointError
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".yml", ".yaml", ".gguf")
+_LAYER = re.compile(r"(?:^|\.)(\d+)\.")
+_SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A resolved model reference."""
+
+    ref: str  # as written in the recipe
+    path: Path  # a local directory or file
+    hub_id: str | None = None  # the repo id when it came from the Hub
+
+    @property
+    def directory(self) -> Path | None:
+        return self.path if self.path.is_dir() else None
+
+    def config(self) -> dict | None:
+        """config.json as a dict, or None."""
+        if self.directory is None or not (self.path / "config.json").is_file():
+            return None
+        try:
+            data = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{self.path / 'config.json'}: not readable JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{self.path / 'config.json'}: not a JSON object")
+        return data
+
+
+def resolve_model(ref: str, where: str) -> ModelDir:
+    """A local path as it is; otherwise a Hub repo id from huggingface_hub's cache (or the Hub).
+
+    Args:
+      ref: a path, or `org/name[@revision]`.
+      where: names the recipe key in errors ("recipe.yml: models[1].model").
+    """
+    path = Path(ref).expanduser()
+    if path.exists():
+        return ModelDir(ref, path)
+    repo, _, revision = ref.partition("@")
+    if ref.count("@") > 1 or not _REPO_ID.fullmatch(repo) or ref.startswith((".", "/", "~")) or repo.endswith(_FILE_SUFFIXES):
+        raise CheckpointError(f"{where}: {ref}: no such file or directory")
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise CheckpointError(f"{where}: {ref} is not a local path, and Hub repo ids need huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        local = huggingface_hub.snapshot_download(repo, revision=revision or None, allow_patterns=_HUB_PATTERNS)
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not found"
+        offline = " (HF_HUB_OFFLINE is set: only the cache was searched)" if constants.HF_HUB_OFFLINE else ""
+        raise CheckpointError(
+            f"{where}: {ref}: no such file or directory, nor a Hugging Face repo{offline} ({type(err).__name__})"
+        ) from None
+    return ModelDir(ref, Path(local), hub_id=repo)
+
+
+def layer_count(config: dict | None) -> int | None:
+    """The config's number of layers, or None."""
+    for key in LAYER_COUNT_KEYS:
+        value = (config or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """How a model numbers its layers: `prefix + str(i) + "." + rest`."""
+
+    prefix: str
+    count: int
+
+    def split(self, name: str) -> tuple[int, str] | None:
+        """(layer index, rest) of a tensor in the layers, else None."""
+        if not name.startswith(self.prefix):
+            return None
+        head, dot, rest = name[len(self.prefix):].partition(".")
+        if not dot or not head.isdigit():
+            return None
+        return int(head), rest
+
+    def name(self, index: int, rest: str) -> str:
+        return f"{self.prefix}{index}.{rest}"
+
+
+def layer_scheme(names: Iterable[str], config: dict | None, where: str) -> LayerScheme | None:
+    """Find the layer numbering of a model from its tensor names (None when it has no layers).
+
+    Raises:
+      CheckpointError: several candidate layer stacks and no config to tell them apart.
+    """
+    stacks: dict[str, set[int]] = {}
+    for name in names:
+        match = _LAYER.search(name)
+        if match:
+            stacks.setdefault(name[: match.start(1)], set()).add(int(match.group(1)))
+    contiguous = {p: len(ix) for p, ix in stacks.items() if ix == set(range(len(ix)))}
+    count = layer_count(config)
+    if count is not None:
+        candidates = [p for p, n in contiguous.items() if n == count]
+    else:
+        top = max(contiguous.values(), default=0)
+        candidates = [p for p, n in contiguous.items() if n == top and n > 1]
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        raise CheckpointError(f"{where}: cannot tell which layer stack to use: {', '.join(sorted(candidates))}")
+    return LayerScheme(candidates[0], contiguous[candidates[0]])
+
+
+def _vocabulary(directory: Path) -> str | None:
+    """A fingerprint of a tokenizer's vocabulary (token -> id), or None without tokenizer files."""
+    file = directory / "tokenizer.json"
+    if file.is_file():
+        try:
+            data = json.loads(file.read_text())
+            vocab = data.get("model", {}).get("vocab")
+            added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
+            return hashlib.sha256(json.dumps([vocab, added], sort_keys=True).encode()).hexdigest()
+        except (OSError, ValueError, AttributeError):
+            pass
+    for name in ("tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"):
+        if (directory / name).is_file():
+            return hashlib.sha256((directory / name).read_bytes()).hexdigest()
+    return None
+
+
+def check_tokenizer_source(source: ModelDir, models: Iterable[ModelDir], where: str) -> None:
+    """The tokenizer source has tokenizer files, and every model that has a tokenizer shares its vocabulary."""
+    if source.directory is None or _vocabulary(source.path) is None:
+        raise CheckpointError(f"{where}: {source.ref} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
+    theirs = _vocabulary(source.path)
+    for model in models:
+        if model.directory is None:
+            continue
+        vocab = _vocabulary(model.path)
+        if vocab is not None and vocab != theirs:
+            raise CheckpointError(
+                f"{where}: {model.ref} has another vocabulary than {source.ref}; jaxmerge copies one tokenizer "
+                "and does not remap embeddings (mergekit's vocabulary permutation is not supported)"
+            )
+
+
+def write_model_files(
+    out: Path,
+    *,
+    donor: ModelDir,
+    tokenizer: ModelDir | None,
+    dtype_code: str | None,
+    layers: list[tuple[ModelDir, int]] | None,
+    card: str,
+    recipe_text: str,
+) -> None:
+    """Write config.json, generation_config.json, tokenizer files, README.md and mergekit_config.yml into `out`.
+
+    Args:
+      out: the (temporary) output directory.
+      donor: where config.json and generation_config.json come from.
+      tokenizer: where the tokenizer files come from (None: none copied).
+      dtype_code: the output's floating dtype (safetensors code) for config.json.
+      layers: for slices, each output layer's source (model, layer index): the
+        layer count, and per-layer lists such as `layer_types`, follow it.
+      card: README.md.
+      recipe_text: mergekit_config.yml.
+    """
+    config = donor.config()
+    if config is not None:
+        if dtype_code in _SAFETENSORS_DTYPE_NAMES:
+            name = _SAFETENSORS_DTYPE_NAMES[dtype_code]
+            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+            for key in keys:
+                config[key] = name
+        if layers is not None:
+            _set_layers(config, layers)
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if donor.directory is not None and (donor.path / "generation_config.json").is_file():
+        shutil.copyfile(donor.path / "generation_config.json", out / "generation_config.json")
+    if tokenizer is not None and tokenizer.directory is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer.path / name).is_file():
+                shutil.copyfile(tokenizer.path / name, out / name)
+    (out / "README.md").write_text(card)
+    (out / "mergekit_config.yml").write_text(recipe_text)
+
+
+def _set_layers(config: dict, layers: list[tuple[ModelDir, int]]) -> None:
+    count = layer_count(config)
+    for key in LAYER_COUNT_KEYS:
+        if key in config:
+            config[key] = len(layers)
+            break
+    # Per-layer lists (layer_types, sliding-window patterns) follow the layers they describe.
+    for key, value in list(config.items()):
+        if isinstance(value, list) and count is not None and len(value) == count and count > 0 and key.startswith("layer"):
+            rebuilt = []
+            for model, index in layers:
+                theirs = (model.config() or {}).get(key)
+                rebuilt.append(theirs[index] if isinstance(theirs, list) and index < len(theirs) else value[min(index, count - 1)])
+            config[key] = rebuilt
+
+
+def model_card(*, method: str, paper: str, base: ModelDir | None, models: list[ModelDir], recipe_text: str, name: str) -> str:
+    """README.md for the Hub: front matter (base models, tags merge and jaxmerge), method, models, recipe."""
+    hub = sorted({m.hub_id for m in [*models, *([base] if base else [])] if m.hub_id})
+    meta = {"base_model": hub, "library_name": "transformers", "tags": ["merge", "jaxmerge"]} if hub else {
+        "library_name": "transformers", "tags": ["merge", "jaxmerge"]
+    }
+    link = lambda m: f"[{m.hub_id}](https://huggingface.co/{m.hub_id})" if m.hub_id else f"`{m.ref}`"  # noqa: E731
+    using = f" with {link(base)} as the base" if base else ""
+    listed = "\n".join(f"* {link(m)}" for m in models if base is None or m.path != base.path)
+    cite = f" ({paper})" if paper else ""
+    return (
+        f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# {name}\n\n"
+        f"This model is a merge of pre-trained language models made with jaxmerge.\n\n"
+        f"## Merge method\n\n`{method}`{cite}{using}.\n\n"
+        f"## Models merged\n\n{listed}\n\n"
+        f"## Recipe\n\nThe recipe (mergekit's configuration schema), also in `mergekit_config.yml`:\n\n"
+        f"```yaml\n{recipe_text.rstrip()}\n```\n"
+    )
