@@ -370,6 +370,31 @@ def test_sigterm_says_what_was_interrupted_and_exits_143(tmp_path):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_sigterm_while_planning_says_nothing_was_written(tmp_path):
+    models = write_models(tmp_path / "in")
+    out = tmp_path / "out"
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from jaxmerge.io import recipe_plan
+        init = recipe_plan.RecipePlanner.__init__
+        def init_then_term(self, recipe):
+            init(self, recipe)
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill <pid>` while checkpoints are opened
+            time.sleep(30)
+        recipe_plan.RecipePlanner.__init__ = init_then_term
+        from jaxmerge.cli import main
+        sys.exit(main(sys.argv[1:]))
+        """
+    )
+    args = ["merge", *map(str, models), "--method", "task_arithmetic", "--output", str(out), "--quiet"]
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=120)
+    line = one_line(result)
+    assert result.returncode == 143
+    assert "SIGTERM before writing" in line and str(out) in line and "nothing was written" in line
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 # --- LoRA adapter configs -------------------------------------------------------------------
 
 

@@ -48,54 +48,78 @@ _RECIPE_FLAGS = ("method", "weights", "density", "base", "majority_sign_method",
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from jaxmerge.io._atomic import sigterm_before_writing
+    from jaxmerge.io.safetensors_io import CheckpointError
+
+    try:
+        # SIGTERM while planning (opening checkpoints, resolving Hub ids) says so in one line;
+        # atomic_directory takes over while the output is written.
+        with sigterm_before_writing(args.output or "the output"):
+            return _merge_checked(args)
+    except (CheckpointError, ValueError, FileExistsError, TypeError) as err:
+        print(f"jaxmerge merge: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _merge_checked(args: argparse.Namespace) -> int:
+    """The merge command's work; errors are raised for `_merge` to print."""
     from pathlib import Path
 
     from jaxmerge.io.adapters import COMBINATION_TYPES, merge_lora
+    from jaxmerge.io.orbax_recipe import merge_orbax_recipe, plan_orbax_recipe, uses_orbax
     from jaxmerge.io.recipe import load_recipe, recipe_from_flags
     from jaxmerge.io.recipe_plan import merge_recipe, plan_recipe
     from jaxmerge.io.safetensors_io import CheckpointError
 
-    try:
-        if len(args.inputs) == 1 and args.inputs[0].endswith((".yaml", ".yml")):
-            for name in _RECIPE_FLAGS:
-                if getattr(args, name) is not None:
-                    flag = "--" + name.replace("_", "-")
-                    raise CheckpointError(f"{flag} does not combine with a recipe: set it in {args.inputs[0]}")
-            recipe = load_recipe(args.inputs[0])
+    if len(args.inputs) == 1 and args.inputs[0].endswith((".yaml", ".yml")):
+        for name in _RECIPE_FLAGS:
+            if getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise CheckpointError(f"{flag} does not combine with a recipe: set it in {args.inputs[0]}")
+        recipe = load_recipe(args.inputs[0])
+    else:
+        if any(p.endswith((".yaml", ".yml")) for p in args.inputs):
+            raise CheckpointError("give one recipe.yml alone, or checkpoints with --method")
+        if args.method is None:
+            raise CheckpointError("--method is required for checkpoints (or give one recipe.yml)")
+        adapters = [Path(p) / "adapter_config.json" for p in args.inputs]
+        if any(a.exists() for a in adapters):
+            return _merge_adapters(args, adapters, COMBINATION_TYPES, merge_lora)
+        params = {"density": args.density, "majority_sign_method": args.majority_sign_method, **dict(args.param or [])}
+        recipe = recipe_from_flags(
+            args.inputs, method=args.method, weights=args.weights, base=args.base, params=params,
+            seed=args.seed or 0, max_shard_size=args.max_shard_size or "5GB",
+        )
+    if args.output is None:
+        raise CheckpointError("--output is required")
+    orbax = uses_orbax(recipe)
+    if orbax and args.max_shard_size is not None:
+        raise CheckpointError("--max-shard-size applies to safetensors outputs; Orbax writes its own files")
+    if args.dry_run:
+        if orbax:
+            plan = plan_orbax_recipe(recipe, args.output, seed=args.seed)
         else:
-            if any(p.endswith((".yaml", ".yml")) for p in args.inputs):
-                raise CheckpointError("give one recipe.yml alone, or checkpoints with --method")
-            if args.method is None:
-                raise CheckpointError("--method is required for checkpoints (or give one recipe.yml)")
-            adapters = [Path(p) / "adapter_config.json" for p in args.inputs]
-            if any(a.exists() for a in adapters):
-                return _merge_adapters(args, adapters, COMBINATION_TYPES, merge_lora)
-            params = {"density": args.density, "majority_sign_method": args.majority_sign_method, **dict(args.param or [])}
-            recipe = recipe_from_flags(
-                args.inputs, method=args.method, weights=args.weights, base=args.base, params=params,
-                seed=args.seed or 0, max_shard_size=args.max_shard_size or "5GB",
-            )
-        if args.output is None:
-            raise CheckpointError("--output is required")
-        if args.dry_run:
             _, plan = plan_recipe(recipe, args.output, seed=args.seed, max_shard_size=args.max_shard_size)
-            if Path(args.output).exists() and not args.force:
-                raise FileExistsError(f"{args.output} exists; pass --force to replace it")
-            print(plan.describe())
-            print("dry run: nothing written")
-            return 0
-        mesh = None
-        if args.devices is not None:
-            from jaxmerge.core.sharding import make_mesh
+        if Path(args.output).exists() and not args.force:
+            raise FileExistsError(f"{args.output} exists; pass --force to replace it")
+        print(plan.describe())
+        print("dry run: nothing written")
+        return 0
+    mesh = None
+    if args.devices is not None:
+        from jaxmerge.core.sharding import make_mesh
 
-            mesh = make_mesh(args.devices)
+        mesh = make_mesh(args.devices)
+    if orbax:
+        merge_orbax_recipe(
+            recipe, args.output, seed=args.seed, force=args.force, progress=not args.quiet, mesh=mesh,
+            allow_nonfinite=args.allow_nonfinite,
+        )
+    else:
         merge_recipe(
             recipe, args.output, seed=args.seed, max_shard_size=args.max_shard_size, force=args.force,
             progress=not args.quiet, mesh=mesh, allow_nonfinite=args.allow_nonfinite,
         )
-    except (CheckpointError, ValueError, FileExistsError, TypeError) as err:
-        print(f"jaxmerge merge: error: {err}", file=sys.stderr)
-        return 2
     print(f"merged into {Path(args.output).resolve()}")
     return 0
 
@@ -201,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Merge models from disk, tensor by tensor, without loading whole models.\n\n"
             "INPUTS are checkpoints (Hugging Face model directories, Hub repo ids, a .safetensors\n"
-            "file or a sharded checkpoint's index JSON) or PEFT LoRA adapter directories, merged\n"
+            "file or a sharded checkpoint's index JSON), Orbax checkpoint directories (the output\n"
+            "is then an Orbax checkpoint) or PEFT LoRA adapter directories, merged\n"
             "with --method; or one recipe.yml in mergekit's configuration schema (see\n"
             "jaxmerge/io/recipe.py), which sets the method and its parameters itself.\n\n"
             "The output appears only when complete (built in a temporary directory beside it);\n"
@@ -213,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  jaxmerge merge ft_a/ ft_b/ ft_c/ --base base/ --method ties --density 0.2 --output merged/\n"
+            "  jaxmerge merge orbax_a/ orbax_b/ --base orbax_base/ --method ties --density 0.2 --output merged_orbax/\n"
             "  jaxmerge merge lora_a/ lora_b/ --method dare_ties --weights 1,0.7 --density 0.5 --output lora_merged/\n"
             "  jaxmerge merge mergekit_config.yml --output merged/\n"
             "  jaxmerge merge recipe.yml --output merged/ --dry-run"

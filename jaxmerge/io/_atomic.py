@@ -191,6 +191,7 @@ def _replace(tmp: Path, target: Path) -> None:
 # --- SIGTERM ---------------------------------------------------------------------------------
 
 _terminate = threading.Event()
+_completed: set[Path] = set()  # outputs placed by atomic_directory in this process
 
 
 def stop_if_terminated() -> None:
@@ -229,11 +230,14 @@ def sigterm_before_writing(output: str | os.PathLike) -> Iterator[None]:
 
     Before `atomic_directory` starts nothing exists to clean up, so the handler
     exits directly (os._exit: no Python code runs after it). `atomic_directory`
-    installs its own handler while it writes and puts this one back after, so
-    wrap only the work that precedes writing, never the end of a merge.
+    installs its own handler while it writes and puts this one back after; a
+    SIGTERM after the output was placed says the output is kept.
     """
     def handler(signum, frame):
-        _say(f"interrupted by SIGTERM before writing {output}; nothing was written")
+        if Path(output).absolute() in _completed:  # the merge finished between atomic_directory and return
+            _say(f"SIGTERM arrived after {output} was complete; the output is kept")
+        else:
+            _say(f"interrupted by SIGTERM before writing {output}; nothing was written")
         os._exit(128 + signal.SIGTERM)
 
     try:
@@ -337,6 +341,7 @@ def atomic_directory(
         except OSError as err:
             _remove(tmp)
             raise _write_error(target, err) from None
+        _completed.add(target)
         if _terminate.is_set():
             _say(f"SIGTERM arrived after {target} was complete; the output is kept")
             raise SystemExit(128 + signal.SIGTERM)

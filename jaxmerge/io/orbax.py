@@ -51,6 +51,7 @@ import numpy as np
 
 from jaxmerge.core.sharding import leaf_sharding
 from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
+from jaxmerge.io._finite import finite_flags
 from jaxmerge.io.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
 from jaxmerge.methods._table import MethodError
@@ -441,6 +442,7 @@ def merge_orbax(
     mesh=None,
     params_for: Callable[[str], dict] | None = None,
     progress: bool = False,
+    allow_nonfinite: bool = False,
     **params,
 ) -> OrbaxPlan:
     """Merge Orbax checkpoints leaf by leaf into a new Orbax checkpoint `output`.
@@ -466,6 +468,8 @@ def merge_orbax(
         there and saved sharded.
       params_for: optional `params_for(leaf_path) -> dict` of per-leaf parameter overrides.
       progress: show a progress bar over bytes.
+      allow_nonfinite: merge float leaves holding NaN or inf (by default such
+        a leaf stops the merge, naming the checkpoint and leaf; nothing is written).
       **params: the method's parameters (`density=0.2`, ...).
 
     Returns:
@@ -478,7 +482,8 @@ def merge_orbax(
       CheckpointError (a ValueError): a directory that is not an Orbax
         checkpoint, a safetensors input, a missing leaf, a shape or dtype
         mismatch (one line naming the file and leaf), all before any array is
-        read; a non-float leaf that differs across inputs (nothing is written).
+        read; a non-float leaf that differs across inputs, or a float leaf
+        holding NaN or inf without `allow_nonfinite` (nothing is written).
       MethodError (a ValueError): a bad method, parameter or value.
       FileExistsError: `output` exists and `force` is False.
     """
@@ -496,12 +501,20 @@ def merge_orbax(
     float_sources = checkpoints + ([base_ckpt] if uses_base else [])
 
     def merge_one(leaf: LeafInfo, leaves: list[Any]) -> jax.Array:
+        # Dispatched before the merge and read after it, as in merge_checkpoints.
+        flags = None if allow_nonfinite else finite_flags(tuple(jnp.asarray(x) for x in leaves))
         leaf_base = leaves.pop() if uses_base else None
         leaf_spec, bound = plan.bound[leaf.path]
-        return merge_leaf(
+        out = merge_leaf(
             leaves, leaf_spec, bound, base=leaf_base,
             key=path_key(key, leaf.path) if leaf_spec.random else None, mesh=mesh,
         )
+        if flags is not None and not np.asarray(flags).all():
+            src = float_sources[int(np.argmin(np.asarray(flags)))]
+            raise CheckpointError(
+                f"{src.path}: leaf {leaf.path} holds NaN or inf; pass --allow-nonfinite (allow_nonfinite=True) to merge it anyway"
+            )
+        return out
 
     def check_equal(leaf: LeafInfo, leaves: list[Any]) -> Any:
         # Step counters, PRNG keys, strings are not task vectors: they must agree (as in merge_params).
