@@ -232,6 +232,10 @@ def main(argv=None) -> int:
     parser.add_argument("--peft-repeats", type=int, default=3, help="timed repeats for PEFT (median)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--large-only", action="store_true", help="only 3 tasks of 4096x4096")
+    parser.add_argument(
+        "--no-methods", action="store_true",
+        help="skip the section timing every method of the table against mergekit's own (benchmarks.methods)",
+    )
     args = parser.parse_args(argv)
     configs = [((1024, 1024), 3)] if args.quick else [((4096, 4096), 3), ((1024, 1024), 3), ((1024, 1024), 16)]
     if args.large_only:
@@ -240,10 +244,16 @@ def main(argv=None) -> int:
     print(f"# {info['date']} {info['processor']} x{info['cpu_count']} | jax {info['jax']} ({info['device']}) | torch {info['torch']} | peft {info['peft']} | density {DENSITY}")
     print(HEADER)
     rows = run(configs, args.repeats, args.peft_repeats)
+    method_rows = []
+    if not args.no_methods:
+        from benchmarks import methods  # imports this module: loaded only here
+
+        # One row per method of the table that mergekit also has, on a base + 3 models of the large size.
+        method_rows = methods.run(1024 if args.quick else 4096, repeats=5)
     if args.json:
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"machine": info, "density": DENSITY, "rows": rows}, f, indent=2)
+            json.dump({"machine": info, "density": DENSITY, "rows": rows, "methods": method_rows}, f, indent=2)
         os.replace(tmp, args.json)
     return 0
 

@@ -69,3 +69,14 @@ def test_two_processes_each_holding_half_of_the_shards(tmp_path):
     expected = np.asarray(jaxmerge.ties(host, [1.0, 0.5, 0.7], 0.2))
     for i in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"result_{i}.npy"), expected)
+
+
+@pytest.mark.slow
+def test_every_table_method_on_a_mesh_equals_single_device():
+    # tests/sharding_methods_check.py: merge_params with mesh=8 devices against no mesh, for each method.
+    result = subprocess.run([sys.executable, str(HERE / "sharding_methods_check.py")], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "all method sharding checks passed" in result.stdout
+    from jaxmerge.methods import _table
+
+    assert result.stdout.count("ok ") == len(_table.names())
