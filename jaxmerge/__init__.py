@@ -13,6 +13,7 @@ from jaxmerge.core.merging import (
     ties,
 )
 from jaxmerge.core.pruning import magnitude_based_pruning, prune, random_pruning
+from jaxmerge.learn import adamerging, search_coefficients
 from jaxmerge.methods.pytree import merge_params
 from jaxmerge.core.sign import calculate_majority_sign_mask, disjoint_merge
 
@@ -33,4 +34,4 @@ PEFT_FUNCTIONS = (
     "ties",
 )
 
-__all__ = [*PEFT_FUNCTIONS, "merge_params", "PEFT_FUNCTIONS"]
+__all__ = [*PEFT_FUNCTIONS, "adamerging", "merge_params", "search_coefficients", "PEFT_FUNCTIONS"]

@@ -83,3 +83,59 @@ def test_equinox_module():
     key = path_key(jax.random.key(0), jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params[0])[0][0][0]))
     first = jax.tree_util.tree_leaves(merged)[0]
     np.testing.assert_array_equal(np.asarray(first), np.asarray(jm.dare_ties(w, [1.0, 0.5, 0.7], 0.5, key=key)))
+
+
+# --- traced weights: merge_params under jax.grad, jit and vmap ----------------------------------
+
+def _grad_trees():
+    rng = np.random.default_rng(3)
+    base = {"w": jnp.asarray(rng.standard_normal((16, 12)), jnp.float32), "b": jnp.asarray(rng.standard_normal(12), jnp.float32)}
+    trees = [jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape), jnp.float32) * 0.3, base) for _ in range(3)]
+    return base, trees
+
+
+@pytest.mark.parametrize("method, params", [
+    ("task_arithmetic", {}),
+    ("ties", {"density": 0.5}),
+    ("dare_ties", {"density": 0.5}),
+])
+def test_grad_with_respect_to_weights_matches_finite_differences(method, params):
+    # PEFT's semantics: the sign vote is on the unweighted deltas, so the loss is smooth in the weights.
+    # (mergekit's vote is on weighted deltas: the loss jumps where a vote flips, and finite differences
+    # across a jump say nothing about the gradient.)
+    base, trees = _grad_trees()
+    key = jax.random.key(1)
+    target = jax.tree.map(lambda x: jnp.sin(x), base)
+
+    def loss(w):
+        merged = merge_params(trees, w, method=method, base=base, key=key, **params)
+        return sum(jnp.sum((merged[n] - target[n]) ** 2) for n in merged)
+
+    w = jnp.asarray([0.7, 0.4, 0.9], jnp.float32)
+    grad = np.asarray(jax.grad(loss)(w))
+    eps = 1e-2
+    for i in range(3):
+        step = np.zeros(3, np.float32)
+        step[i] = eps
+        numeric = (float(loss(w + step)) - float(loss(w - step))) / (2 * eps)
+        assert grad[i] == pytest.approx(numeric, rel=2e-2, abs=1e-3), (method, i)
+    assert np.abs(grad).max() > 0
+
+
+def test_jit_and_vmap_over_weights_equal_concrete_calls():
+    base, trees = _grad_trees()
+    grid = jnp.asarray([[1.0, 0.5, 0.7], [0.2, 0.9, 0.4]], jnp.float32)
+    batched = jax.vmap(lambda w: merge_params(trees, w, method="ties", base=base, density=0.4))(grid)
+    jitted = jax.jit(lambda w: merge_params(trees, w, method="ties", base=base, density=0.4))(grid[1])
+    for i in range(2):
+        concrete = merge_params(trees, [float(x) for x in grid[i]], method="ties", base=base, density=0.4)
+        for name in concrete:
+            np.testing.assert_allclose(batched[name][i], concrete[name], rtol=1e-6, atol=1e-6)
+    for name in jitted:
+        np.testing.assert_allclose(jitted[name], merge_params(trees, [0.2, 0.9, 0.4], method="ties", base=base, density=0.4)[name], rtol=1e-6, atol=1e-6)
+
+
+def test_traced_weights_with_a_method_that_needs_concrete_ones_name_it():
+    base, trees = _grad_trees()
+    with pytest.raises(TypeError, match="method multislerp needs concrete weights"):
+        jax.jit(lambda w: merge_params(trees, w, method="multislerp", base=base))(jnp.ones(3))

@@ -61,6 +61,15 @@ METADATA_FILE = "_METADATA"  # Orbax's PyTree metadata file: present in every Py
 GROUP_FLOOR_BYTES = 32 << 20  # leaves smaller than this are restored together (fewer Orbax calls)
 
 
+def _ocp():
+    """orbax.checkpoint, or one line saying how to install it."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError:
+        raise CheckpointError("Orbax checkpoints need orbax-checkpoint: pip install 'jaxmerge[orbax]'") from None
+    return ocp
+
+
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     """True when `path` is an Orbax PyTree checkpoint: a directory holding `_METADATA`.
 
@@ -126,7 +135,7 @@ class LeafInfo:
 
 
 def _checkpointer():
-    import orbax.checkpoint as ocp
+    ocp = _ocp()
 
     return ocp.PyTreeCheckpointer()
 
@@ -135,7 +144,7 @@ class OrbaxCheckpoint:
     """An Orbax checkpoint opened read-only: leaf specs now, arrays on demand (partial restore)."""
 
     def __init__(self, path: str | os.PathLike):
-        import orbax.checkpoint as ocp
+        ocp = _ocp()
 
         self.path = Path(path)
         _check_orbax_dir(self.path)
@@ -169,7 +178,7 @@ class OrbaxCheckpoint:
           The leaves, in the order of `names`: `jax.Array`s for arrays, Python or
           NumPy values for scalars and strings.
         """
-        import orbax.checkpoint as ocp
+        ocp = _ocp()
 
         position = {self._index[n]: j for j, n in enumerate(names)}
         items, args = [], []
@@ -393,7 +402,7 @@ def _merging_registry(budget: int):
     The `_Pending` handler merges leaves in Orbax's order and writes them in
     batches of about `budget` bytes, waiting for each batch's write.
     """
-    import orbax.checkpoint as ocp
+    ocp = _ocp()
 
     arrays = ocp.type_handlers.get_type_handler(jax.Array)
 
@@ -487,7 +496,7 @@ def merge_orbax(
       MethodError (a ValueError): a bad method, parameter or value.
       FileExistsError: `output` exists and `force` is False.
     """
-    import orbax.checkpoint as ocp
+    ocp = _ocp()
     from tqdm.auto import tqdm
 
     from jaxmerge import __version__

@@ -27,6 +27,13 @@ def path_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
+def _is_traced(weights: Any) -> bool:
+    """`weights` (an array or a sequence) holds a tracer: merge_params is being differentiated or traced."""
+    if isinstance(weights, (list, tuple)):
+        return any(not v.is_concrete(w) for w in weights)
+    return not v.is_concrete(weights)
+
+
 def _paths_and_leaves(tree: Any) -> tuple[list[str], list[Any], Any]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return [jax.tree_util.keystr(p) for p, _ in flat], [leaf for _, leaf in flat], treedef
@@ -107,7 +114,9 @@ def merge_params(
 
     Args:
       trees: same-structure pytrees, one per fine-tuned model.
-      weights: one weight per tree (the methods' `weight`; default 1 each).
+      weights: one weight per tree (the methods' `weight`; default 1 each). With
+        the task-vector methods they may be traced: `jax.grad`, `jit` and
+        `vmap` of a function of the weights go through the merge.
       method: a method name, e.g. "ties", "dare_ties", "slerp", "model_stock".
       base: optional pytree of the base model. Task-vector methods (ties, dare,
         task_arithmetic, ...) then merge `tree - base` and return `base + merged`;
@@ -130,9 +139,24 @@ def merge_params(
     """
     if not trees:
         raise ValueError("trees must hold at least one pytree, got an empty sequence")
+    traced = None
     if weights is not None:
-        params["weight"] = [float(x) for x in np.asarray(v.as_weights(weights, len(trees)))]
+        if _is_traced(weights):
+            # Under jax.grad / jit / vmap: validate with placeholders, then merge with the traced values.
+            traced = v.as_weights(jnp.asarray(weights, jnp.float32), len(trees))
+            params["weight"] = [1.0] * len(trees)
+        else:
+            params["weight"] = [float(x) for x in np.asarray(v.as_weights(weights, len(trees)))]
     spec, bound = bind_method(method, params, len(trees), base is not None, "merge_params")
+    if traced is not None:
+        if not spec.task_vectors:
+            raise TypeError(
+                f"merge_params: method {method} needs concrete weights; traced weights (jax.grad, jit, vmap) work "
+                f"with the task-vector methods ({', '.join(m.name for m in table.all_methods() if m.task_vectors)})"
+            )
+        slots = list(bound["weight"])
+        offset = len(slots) - len(trees)  # the base's slot, when the method has one, comes first
+        bound = {**bound, "weight": slots[:offset] + [traced[i] for i in range(len(trees))]}
     if spec.random:
         key = v.check_key(key)
     paths, first_leaves, treedef = _paths_and_leaves(trees[0])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,51 @@ def _keep_counts(sparsify: str | None, semantics: str, densities, n: int, gammas
     return np.asarray(ks, cdt), np.asarray(tops, cdt)
 
 
-def _task_vector_merge(sparsify, consensus, default_normalize, default_rescale):
+@dataclass(frozen=True)
+class TaskVectorRecipe:
+    """What distinguishes one task-vector method: how it sparsifies, whether it votes, its defaults.
+
+    Attributes:
+      sparsify: None, "magnitude", "random", "band" (breadcrumbs) or "della".
+      consensus: the method elects signs (TIES-style).
+      default_normalize, default_rescale: mergekit's defaults of `normalize` and `rescale`.
+    """
+
+    sparsify: str | None
+    consensus: bool
+    default_normalize: bool
+    default_rescale: bool
+
+    def rule(self, *, semantics: str, majority_sign_method: str = "total", normalize=None, rescale=None) -> Rule:
+        """The core kernel's `Rule` for bound parameters (see the module docstring for the two semantics)."""
+        consensus = majority_sign_method if self.consensus else None
+        if semantics == "peft":
+            return Rule(
+                sparsify=self.sparsify,
+                rescale="inverse_density" if self.sparsify == "random" else None,
+                consensus=consensus,
+                vote="pruned",
+                divide="count" if self.consensus else None,
+            )
+        normalize = self.default_normalize if normalize is None else normalize
+        rescale = self.default_rescale if rescale is None else rescale
+        return Rule(
+            sparsify=self.sparsify,
+            rescale="l1" if rescale and self.sparsify else None,
+            consensus=consensus,
+            vote="weighted",
+            divide="weights" if normalize else None,
+        )
+
+
+def _weight_array(weights) -> np.ndarray | jax.Array:
+    """Host weights as NumPy (moved by the kernel call); traced ones (merge_params under jax.grad) stacked."""
+    if all(isinstance(w, (int, float, np.number)) for w in weights):
+        return np.asarray(weights, np.float32)
+    return jnp.stack([jnp.asarray(w, jnp.float32) for w in weights])
+
+
+def _task_vector_merge(recipe: TaskVectorRecipe):
     """The tensor function of one task-vector method (see the module docstring)."""
 
     def merge(inputs, base_index, *, key, weight, density=None, semantics="mergekit", normalize=None,
@@ -103,34 +148,22 @@ def _task_vector_merge(sparsify, consensus, default_normalize, default_rescale):
             return base
         weights = non_base(weight, base_index)
         densities = non_base(density, base_index) if density is not None else [1.0] * len(models)
-        if semantics == "peft":
-            rule = Rule(
-                sparsify=sparsify,
-                rescale="inverse_density" if sparsify == "random" else None,
-                consensus=consensus and majority_sign_method,
-                vote="pruned",
-                divide="count" if consensus else None,
-            )
-        else:
-            rule = Rule(
-                sparsify=sparsify,
-                rescale="l1" if (default_rescale if rescale is None else rescale) and sparsify else None,
-                consensus=consensus and majority_sign_method,
-                vote="weighted",
-                divide="weights" if (default_normalize if normalize is None else normalize) else None,
-            )
+        rule = recipe.rule(
+            semantics=semantics, majority_sign_method=majority_sign_method, normalize=normalize, rescale=rescale
+        )
         n = _size(models[0].shape)
-        k, k_top = _keep_counts(sparsify, semantics, densities, n, gamma and non_base(gamma, base_index))
+        k, k_top = _keep_counts(recipe.sparsify, semantics, densities, n, gamma and non_base(gamma, base_index))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The density")  # density >= 1 is a valid "keep all"
             merged = merging.merge_task_vectors(
-                models, np.asarray(weights, np.float32), list(densities), rule=rule, key=key,
+                models, _weight_array(weights), list(densities), rule=rule, key=key,
                 lam=lam, k=k, k_top=k_top, epsilon=0.0 if epsilon is None else list(non_base(epsilon, base_index)),
                 # Without a base the inputs are task vectors already (merge_params, LoRA factors).
                 base=base,
             )
         return merged
 
+    merge.recipe = recipe  # read by jaxmerge.learn.adamerging: the same sparsification, done once
     return merge
 
 
@@ -160,7 +193,7 @@ def _task_method(name, sparsify, consensus, default_normalize, default_rescale, 
         params.append(SEMANTICS_PARAM)
     return Method(
         name=name,
-        merge=_task_vector_merge(sparsify, consensus, default_normalize, default_rescale),
+        merge=_task_vector_merge(TaskVectorRecipe(sparsify, bool(consensus), default_normalize, default_rescale)),
         params=tuple(params),
         base=BasePolicy.REQUIRED,
         random=sparsify in ("random", "della"),
