@@ -10,7 +10,8 @@ def test_two_runs_with_one_seed_give_the_same_table():
     first = demo.format_table(demo.run(demo.Settings.quick(seed=3)))
     second = demo.format_table(demo.run(demo.Settings.quick(seed=3)))
     assert first == second
-    for row in ("base (pretrained)", "specialist digits 0-3", "task_arithmetic", "ties d=0.2", "dare_ties d=0.8"):
+    for row in ("base (pretrained)", "specialist digits 0-3", "task_arithmetic", "ties d=0.2", "dare_ties d=0.8",
+                "task_arithmetic tuned (lambda=", "ties tuned (", "tsv_m", "iso_c", "wudi", "AdaMerging task-wise", "AdaMerging layer-wise"):
         assert row in first
 
 
