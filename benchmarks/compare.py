@@ -208,10 +208,8 @@ def format_row(r) -> str:
     )
 
 
-def machine() -> dict:
-    import torch
-    from peft import __version__ as peft_version
-
+def base_machine() -> dict:
+    """The date, machine and JAX backend every benchmark records."""
     return {
         "date": date.today().isoformat(),
         "platform": platform.platform(),
@@ -220,9 +218,15 @@ def machine() -> dict:
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
-        "torch": torch.__version__,
-        "peft": peft_version,
     }
+
+
+def machine() -> dict:
+    """`base_machine` plus the torch and PEFT versions (the comparisons' anchors)."""
+    import torch
+    from peft import __version__ as peft_version
+
+    return {**base_machine(), "torch": torch.__version__, "peft": peft_version}
 
 
 def main(argv=None) -> int:

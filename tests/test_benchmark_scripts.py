@@ -18,3 +18,19 @@ def test_methods_benchmark_times_both_tools_on_tiny_tensors(capsys):
         assert row["speedup"] == pytest.approx(row["mergekit_s"] / row["jaxmerge_s"])
     assert [r["models"] for r in rows] == [3, 1, 3]  # slerp takes the base and one model
     assert "mergekit" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quality_benchmark_quick_run(tmp_path):
+    from benchmarks import quality
+
+    out = tmp_path / "quality.json"
+    results = quality.main(["--quick", "--out", str(out)])
+    methods = results["methods"]
+    assert out.exists() and len(results["tasks"]) >= 6
+    # A testbed worth merging: fine-tunes beat the base, and a data-free merge recovers part of the gap.
+    base, individual = methods["base (pretrained)"]["average"], methods["individual (fine-tuned)"]["average"]
+    assert individual > base + 0.1
+    assert base < methods["task_arithmetic"]["average"] < individual
+    for row in methods.values():
+        assert len(row["per_task"]) == len(results["tasks"])
