@@ -260,3 +260,49 @@ def test_table_errors_are_one_line(ref):
     six = [models[0]] * 6
     with pytest.raises(table.MethodError, match="iso_cts: common_space_fraction 0.0 gives a negative common space"):
         jaxmerge.merge_params(six, method="iso_cts", base=base, common_space_fraction=0.0)
+
+
+# --- layout: (out, in) torch weights or (in, out) Flax kernels --------------------------------
+
+@pytest.mark.parametrize("method, params", [("wudi", {"iter_num": 20, "lr": 1e-3}), ("iso_cts", {})])
+def test_in_out_layout_merges_the_transposed_matrices(method, params):
+    from jaxmerge.methods import subspace
+
+    rng = np.random.default_rng(5)
+    taus = [rng.standard_normal((12, 7)).astype(np.float32) for _ in range(3)]
+    fn = getattr(subspace, method)
+    torch_layout = np.asarray(fn(taus, **params))
+    flax_layout = np.asarray(fn([t.T for t in taus], layout="in_out", **params))
+    np.testing.assert_allclose(flax_layout.T, torch_layout, rtol=1e-5, atol=1e-6)
+    # The side matters: merging the (in, out) matrices as if they were (out, in) gives another result.
+    as_stored = np.asarray(fn([t.T for t in taus], **params))
+    assert not np.allclose(as_stored.T, torch_layout, rtol=1e-3, atol=1e-4)
+
+
+def test_layout_through_merge_params_and_a_bad_value():
+    from jaxmerge import merge_params
+    from jaxmerge.methods._table import MethodError
+
+    rng = np.random.default_rng(6)
+    base = {"kernel": rng.standard_normal((7, 12)).astype(np.float32)}
+    trees = [{"kernel": base["kernel"] + rng.standard_normal((7, 12)).astype(np.float32)} for _ in range(2)]
+    got = merge_params(trees, method="wudi", base=base, iter_num=10, lr=1e-3, layout="in_out")["kernel"]
+    from jaxmerge.methods.subspace import wudi
+
+    expected = base["kernel"] + np.asarray(wudi([(t["kernel"] - base["kernel"]).T for t in trees], iter_num=10, lr=1e-3)).T
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MethodError, match="layout"):
+        merge_params(trees, method="wudi", base=base, layout="rows")
+
+
+def test_tsv_m_weights_can_be_traced():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmerge import merge_params
+
+    rng = np.random.default_rng(7)
+    base = {"w": rng.standard_normal((8, 6)).astype(np.float32)}
+    trees = [{"w": base["w"] + rng.standard_normal((8, 6)).astype(np.float32)} for _ in range(2)]
+    f = jax.jit(lambda w: merge_params(trees, w, method="tsv_m", base=base)["w"])
+    np.testing.assert_allclose(f(jnp.asarray([0.5, 1.0])), merge_params(trees, [0.5, 1.0], method="tsv_m", base=base)["w"], rtol=1e-5, atol=1e-5)

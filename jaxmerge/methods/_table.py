@@ -30,6 +30,8 @@ from enum import Enum
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 REQUIRED = object()  # marks a parameter without default
 
@@ -319,3 +321,11 @@ def split_inputs(inputs: Sequence[Any], base_index: int | None) -> tuple[list[An
 def non_base(values: Sequence[Any], base_index: int | None) -> list[Any]:
     """A per-model parameter's values without the base's slot."""
     return [x for i, x in enumerate(values) if i != base_index]
+
+
+def weight_array(weights: Sequence[Any]) -> np.ndarray | jax.Array:
+    """Per-model weights for a kernel: NumPy when known now (the kernel call moves them), stacked
+    when traced (`merge_params` under `jax.grad`, `jit` or `vmap`)."""
+    if all(isinstance(w, (int, float, np.number)) for w in weights):
+        return np.asarray(weights, np.float32)
+    return jnp.stack([jnp.asarray(w, jnp.float32) for w in weights])

@@ -56,7 +56,7 @@ import optax
 
 from jaxmerge.core import _validation as v
 from jaxmerge.core._dtypes import compute_dtype
-from jaxmerge.methods._table import BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs
+from jaxmerge.methods._table import BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs, weight_array
 
 TSV_PAPER = "Gargiulo et al., 2025, Task Singular Vectors: Reducing Task Interference in Model Merging, arXiv:2412.00081"
 ISO_PAPER = (
@@ -187,6 +187,13 @@ def wudi_loss(merged, task_tensors):
 # --------------------------------------------------------------------------- the kernel
 
 
+# How a matrix maps inputs to outputs. torch's nn.Linear and safetensors checkpoints store
+# (out, in), which FusionBench's WUDI and Iso-CTS assume; Flax and most JAX code store kernels
+# (in, out). TSV-M and Iso-C are symmetric under a transpose; WUDI and Iso-CTS are not.
+OUT_IN, IN_OUT = "out_in", "in_out"
+LAYOUTS = (OUT_IN, IN_OUT)
+
+
 def _matrix_fn(method, fraction, iter_num, lr):
     if method == "tsv_m":
         return _tsv_m_matrix
@@ -197,12 +204,13 @@ def _matrix_fn(method, fraction, iter_num, lr):
     return functools.partial(_wudi_matrix, iter_num=iter_num, lr=lr)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "batch_dims", "fraction"))
-def _kernel(tasks, base, weights, scale, iter_num, lr, *, method, batch_dims, fraction):
+@functools.partial(jax.jit, static_argnames=("method", "batch_dims", "fraction", "transpose"))
+def _kernel(tasks, base, weights, scale, iter_num, lr, *, method, batch_dims, fraction, transpose=False):
     """Merge the task vectors `tasks` (or `tasks - base`); add `base` back when given.
 
     `tasks` is a tuple of same-shape arrays or one array stacked on axis 0;
-    `weights` scale each task vector first, `scale` the merged one.
+    `weights` scale each task vector first, `scale` the merged one;
+    `transpose` merges each matrix's transpose (an (in, out) kernel as (out, in)).
     """
     out_dtype = tasks[0].dtype if isinstance(tasks, tuple) else tasks.dtype
     cd = compute_dtype(out_dtype)
@@ -214,7 +222,7 @@ def _kernel(tasks, base, weights, scale, iter_num, lr, *, method, batch_dims, fr
         fn = _matrix_fn(method, fraction, iter_num, lr.astype(cd))
         for _ in range(batch_dims):  # each leading axis indexes independent matrices
             fn = jax.vmap(fn, in_axes=1, out_axes=0)
-        merged = fn(x)
+        merged = jnp.swapaxes(fn(jnp.swapaxes(x, -1, -2)), -1, -2) if transpose else fn(x)
     else:
         merged = jnp.mean(x, axis=0)
     merged = merged * scale.astype(cd)
@@ -223,15 +231,18 @@ def _kernel(tasks, base, weights, scale, iter_num, lr, *, method, batch_dims, fr
     return merged.astype(out_dtype)
 
 
-def _run(method, tasks, base=None, weights=None, scale=1.0, *, iter_num=0, lr=0.0, batch_dims=0, fraction=0.0):
+def _run(method, tasks, base=None, weights=None, scale=1.0, *, iter_num=0, lr=0.0, batch_dims=0, fraction=0.0,
+         layout=OUT_IN):
     n = v.num_tasks(tasks)
     shape = v.task_shape(tasks)
     if method == "iso_cts" and len(shape) - batch_dims == 2:
         iso_cts_sizes(min(shape[-2:]), n, fraction)  # raises before any work
+    if layout not in LAYOUTS:
+        raise ValueError(f"{method}: layout must be one of {LAYOUTS}, got {layout!r}")
     w = np.ones(n, np.float32) if weights is None else weights
     return _kernel(
         tasks, base, w, np.float32(scale), np.int32(iter_num), np.float32(lr),
-        method=method, batch_dims=batch_dims, fraction=float(fraction),
+        method=method, batch_dims=batch_dims, fraction=float(fraction), transpose=layout == IN_OUT,
     )
 
 
@@ -320,6 +331,7 @@ def iso_cts(
     common_space_fraction: float = ISO_CTS_FRACTION,
     scaling_factor: float = 1.0,
     batch_dims: int = 0,
+    layout: str = OUT_IN,
 ) -> jax.Array:
     """Isotropic merging in common and task-specific subspaces (Iso-CTS; Marczak et al., 2025, arXiv:2502.04959).
 
@@ -332,6 +344,8 @@ def iso_cts(
         the tasks (`iso_cts_sizes`). Static: a new value compiles anew.
       scaling_factor: scales the merged task vector.
       batch_dims: leading axes that index independent matrices.
+      layout: "out_in" (torch/safetensors weights, FusionBench's) or "in_out"
+        (Flax/JAX kernels): the method treats the two sides of a matrix differently.
 
     Returns:
       The merged task vector (the mean for tensors that are not matrices), in
@@ -344,10 +358,12 @@ def iso_cts(
     batch_dims = _check_batch_dims("iso_cts", tasks, batch_dims)
     fraction = _check_number("iso_cts", "common_space_fraction", common_space_fraction, low=0.0, high=1.0)
     scale = _check_number("iso_cts", "scaling_factor", scaling_factor)
-    return _run("iso_cts", tasks, None, None, scale, batch_dims=batch_dims, fraction=fraction)
+    return _run("iso_cts", tasks, None, None, scale, batch_dims=batch_dims, fraction=fraction, layout=layout)
 
 
-def wudi(task_tensors, *, iter_num: int = WUDI_ITER_NUM, lr: float = WUDI_LR, batch_dims: int = 0) -> jax.Array:
+def wudi(
+    task_tensors, *, iter_num: int = WUDI_ITER_NUM, lr: float = WUDI_LR, batch_dims: int = 0, layout: str = OUT_IN
+) -> jax.Array:
     """WUDI merging (Cheng et al., 2025, arXiv:2503.08099): FusionBench's `wudi_merging`.
 
     Per matrix, starting from the sum of the task vectors tau_i, `iter_num`
@@ -359,6 +375,8 @@ def wudi(task_tensors, *, iter_num: int = WUDI_ITER_NUM, lr: float = WUDI_LR, ba
       iter_num: optimisation steps (FusionBench's config: 400).
       lr: Adam's learning rate (FusionBench: 1e-5).
       batch_dims: leading axes that index independent matrices (optimised independently).
+      layout: "out_in" (torch/safetensors weights, FusionBench's) or "in_out"
+        (Flax/JAX kernels): the loss measures interference on the input side.
 
     Returns:
       The merged task vector (the mean for tensors that are not matrices), in
@@ -368,7 +386,7 @@ def wudi(task_tensors, *, iter_num: int = WUDI_ITER_NUM, lr: float = WUDI_LR, ba
     batch_dims = _check_batch_dims("wudi", tasks, batch_dims)
     iter_num = _check_number("wudi", "iter_num", iter_num, low=0, integer=True)
     lr = _check_number("wudi", "lr", lr, low=0.0, low_open=True)
-    return _run("wudi", tasks, None, None, 1.0, iter_num=iter_num, lr=lr, batch_dims=batch_dims)
+    return _run("wudi", tasks, None, None, 1.0, iter_num=iter_num, lr=lr, batch_dims=batch_dims, layout=layout)
 
 
 # --------------------------------------------------------------------------- the method table
@@ -378,16 +396,17 @@ def _table_merge(method):
     """The table's tensor function: task vectors against the base (or the inputs themselves without one)."""
 
     def merge(inputs, base_index, *, key, weight=None, alpha=1.0, scaling_factor=1.0,
-              common_space_fraction=ISO_CTS_FRACTION, iter_num=WUDI_ITER_NUM, lr=WUDI_LR):
+              common_space_fraction=ISO_CTS_FRACTION, iter_num=WUDI_ITER_NUM, lr=WUDI_LR, layout=OUT_IN):
         models, base = split_inputs(inputs, base_index)
         if not models:
             return base
-        weights = None if weight is None else np.asarray(non_base(weight, base_index), np.float32)
+        weights = None if weight is None else weight_array(non_base(weight, base_index))
         scale = alpha if method == "tsv_m" else scaling_factor
         try:
             return _run(
                 method, tuple(models), base, weights, scale,
                 iter_num=iter_num, lr=lr, fraction=common_space_fraction if method == "iso_cts" else 0.0,
+                layout=layout,
             )
         except ValueError as err:  # the sizes check: a table error names method and parameter
             raise MethodError(str(err)) from None
@@ -396,6 +415,10 @@ def _table_merge(method):
 
 
 SCALING_FACTOR = Param("scaling_factor", float, 1.0, doc="scales the merged task vector")
+LAYOUT = Param(
+    "layout", str, OUT_IN, choices=LAYOUTS,
+    doc="matrices stored (out, in) as torch/safetensors, or (in, out) as Flax/JAX kernels",
+)
 
 METHODS = (
     Method(
@@ -429,6 +452,7 @@ METHODS = (
             SCALING_FACTOR,
             Param("common_space_fraction", float, ISO_CTS_FRACTION, low=0.0, high=1.0,
                   doc="share of singular directions from the sum; the rest split among the tasks"),
+            LAYOUT,
         ),
         base=BasePolicy.REQUIRED,
         min_models=1,
@@ -442,6 +466,7 @@ METHODS = (
         params=(
             Param("iter_num", int, WUDI_ITER_NUM, low=0, doc="Adam steps per matrix"),
             Param("lr", float, WUDI_LR, low=0.0, low_open=True, doc="Adam's learning rate"),
+            LAYOUT,
         ),
         base=BasePolicy.REQUIRED,
         min_models=1,

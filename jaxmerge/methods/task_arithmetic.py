@@ -36,7 +36,7 @@ import numpy as np
 from jaxmerge.core import merging
 from jaxmerge.core._dtypes import compute_dtype, count_dtype
 from jaxmerge.core.merging import Rule
-from jaxmerge.methods._table import BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs
+from jaxmerge.methods._table import BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs, weight_array
 
 SEMANTICS = ("mergekit", "peft")
 
@@ -130,13 +130,6 @@ class TaskVectorRecipe:
         )
 
 
-def _weight_array(weights) -> np.ndarray | jax.Array:
-    """Host weights as NumPy (moved by the kernel call); traced ones (merge_params under jax.grad) stacked."""
-    if all(isinstance(w, (int, float, np.number)) for w in weights):
-        return np.asarray(weights, np.float32)
-    return jnp.stack([jnp.asarray(w, jnp.float32) for w in weights])
-
-
 def _task_vector_merge(recipe: TaskVectorRecipe):
     """The tensor function of one task-vector method (see the module docstring)."""
 
@@ -156,7 +149,7 @@ def _task_vector_merge(recipe: TaskVectorRecipe):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The density")  # density >= 1 is a valid "keep all"
             merged = merging.merge_task_vectors(
-                models, _weight_array(weights), list(densities), rule=rule, key=key,
+                models, weight_array(weights), list(densities), rule=rule, key=key,
                 lam=lam, k=k, k_top=k_top, epsilon=0.0 if epsilon is None else list(non_base(epsilon, base_index)),
                 # Without a base the inputs are task vectors already (merge_params, LoRA factors).
                 base=base,
