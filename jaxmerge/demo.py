@@ -164,7 +164,9 @@ def tuned_and_learned(base, specialists, validation, settings: Settings, key):
     )
     out.append((f"ties tuned (lambda={ties.best['lambda']:g}, d={ties.best['density']:g})", ties.params))
     for method in ("tsv_m", "iso_c", "wudi"):
-        out.append((method, merge_params(specialists, method=method, base=base)))
+        # The MLP's kernels are (in, out), as Flax stores them: WUDI must be told (TSV-M and Iso-C need not).
+        layout = {"layout": "in_out"} if method == "wudi" else {}
+        out.append((method, merge_params(specialists, method=method, base=base, **layout)))
     # AdaMerging: per-task entropy on the unlabeled validation inputs (labels unused), summed over tasks.
     batches = {name: [xv[np.isin(yv, digits)]] for name, digits in TASKS.items()}
     for granularity in ("task", "layer"):
