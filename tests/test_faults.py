@@ -258,7 +258,8 @@ def test_full_disk_output_is_refused_before_writing(tmp_path, tmpfs):
     models = write_models(tmp_path / "in", shape=(256, 256))  # 2 x 256 KiB of float32: more than the mount
     result = cli(*models, "--method", "task_arithmetic", "--output", tmpfs.path / "out")
     line = one_line(result)
-    assert result.returncode == 2 and str(tmpfs.path / "out") in line and "No space left" in line, line
+    # The plan's output size is checked against the free space before any byte is written.
+    assert result.returncode == 2 and str(tmpfs.path / "out") in line and "not enough free space" in line, line
     assert list(tmpfs.path.iterdir()) == []
 
 
@@ -273,6 +274,24 @@ def test_full_disk_while_writing_and_planned_size(tmpfs):
             pytest.fail("the block ran although the plan does not fit")
     assert str(out) in str(err.value) and "1.0 MB" in str(err.value)
     assert list(tmpfs.path.iterdir()) == []
+
+
+def test_float16_overflow_stops_the_merge_unless_allowed(tmp_path):
+    big = {"w": np.full((4, 4), 40000.0, np.float16)}  # finite; twice it is not
+    models = []
+    for i in range(2):
+        models.append(tmp_path / f"m{i}.safetensors")
+        save_file(big, str(models[-1]))
+    out = tmp_path / "out"
+    result = cli(*models, "--method", "task_arithmetic", "--output", out)
+    line = one_line(result)
+    assert result.returncode == 2 and "tensor w" in line and "float16's range" in line and "--allow-nonfinite" in line, line
+    assert not out.exists() and leftovers(tmp_path) == []
+    result = cli(*models, "--method", "task_arithmetic", "--output", out, "--allow-nonfinite")
+    assert result.returncode == 0, result.stderr
+    from jaxmerge.io.safetensors_io import Checkpoint
+
+    assert np.isinf(Checkpoint(out).read("w")).all()
 
 
 # --- --force onto a symlinked output --------------------------------------------------------
