@@ -1,20 +1,40 @@
 """Whole-model merges: `jaxmerge merge` against mergekit 0.1.5 on the same models and recipe.
 
-    python -m benchmarks.vs_mergekit [--sizes small,llama] [--dtypes float32,bfloat16]
-                                     [--methods ties,dare_ties,task_arithmetic] [--rounds 3]
+    python -m benchmarks.vs_mergekit [--sizes llama] [--dtypes float32] [--methods ties]
+                                     [--rounds 3] [--baseline DIR]
 
 Builds Llama-shaped models offline with transformers (a base and three
 fine-tunes: base + small noise), writes one mergekit recipe per method, and
 runs, taking turns round by round (this VM drifts by up to 25% between
-stretches): mergekit-yaml (CPU), `jaxmerge merge` on the same recipe, and the
-warm I/O floor (read every input once, write one output-sized file). Each
-tool runs in a child process; its peak RSS is that child's own (os.wait4).
-Medians are reported, with ratios against mergekit and against the floor
-measured in the same rounds. jaxmerge's first run (compilation included) is
-reported apart, and again with a persistent compilation cache
-(JAX_COMPILATION_CACHE_DIR) warmed by an earlier run.
+stretches, and other jobs may share its cores):
 
-Results go to benchmarks/results/vs_mergekit-<machine>.json and stdout.
+* the warm I/O floor: read every input once, write one output-sized file, fsync;
+* mergekit-yaml (CPU);
+* `jaxmerge merge` on the same recipe without a compilation cache (every run
+  compiles: JAXMERGE_COMPILE_CACHE=0), and with a persistent compilation cache
+  warmed by an earlier run (`jaxmerge.io.compile_cache`);
+* with `--baseline DIR`, `jaxmerge merge` from another source tree (e.g.
+  `git archive <commit> jaxmerge | tar -x -C DIR`), without a cache: the
+  version before a change, in the same rounds.
+
+Each tool runs in a child process; its peak RSS is that child's own (os.wait4).
+Medians are reported, with ratios against mergekit and against the floor
+measured in the same rounds. jaxmerge's phase profile (read, dispatch,
+compile, wait, write, sync: `merge_checkpoints`' `plan.profile`, through
+$JAXMERGE_PROFILE) is kept for every run. jaxmerge's very first run (cold
+imports, compilation, no cache) is reported apart, as is the run that fills
+the empty cache.
+
+Then one child process merges the recipe several times in turn with
+`depth=0` (serial: read, merge, write one tensor after the other) and the
+default depth (overlapped): the in-process steady state, compilation excluded
+(the first merge of each is a warm-up), with its phase profile.
+
+The load average (`os.getloadavg`) before and after each configuration is
+recorded: other processes on the machine slow every tool.
+
+Results go to benchmarks/results/vs_mergekit.json, a Markdown table beside it
+(vs_mergekit.md), and stdout.
 """
 
 from __future__ import annotations
@@ -27,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -80,15 +101,24 @@ def write_recipe(path: Path, method: str, base: Path, models: list[Path], dtype:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one child process."""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_child(cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one child process.
+
+    `python -m` puts the working directory first on sys.path, ahead of
+    PYTHONPATH: a child runs the jaxmerge of `cwd` (this checkout, or --baseline's tree).
+    """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
     if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1e6
+        raise SystemExit(f"{cmd[0]} failed: {err[-2000:]}")
+    return wall, usage.ru_maxrss / 1e6  # Linux: kilobytes
 
 
 def weight_files(model: Path) -> list[Path]:
@@ -96,20 +126,26 @@ def weight_files(model: Path) -> list[Path]:
 
 
 def io_floor(inputs: list[Path], out: Path) -> float:
-    """Read every input file once and write one file of the first input's size, in 64 MB blocks."""
+    """Read every input file once and write one file of the first input's size, fsync included.
+
+    One reused 64 MB buffer (`readinto`): no allocation per block, so this is the
+    I/O alone (page-cache copies and the disk's write-back), not Python's
+    allocator; a merge cannot do less I/O than this.
+    """
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
     start = time.perf_counter()
-    block = 64 << 20
     for path in inputs:
-        with open(path, "rb") as f:
-            while f.read(block):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
                 pass
-    with open(inputs[0], "rb") as src, open(out, "wb") as dst:
-        while chunk := src.read(block):
-            dst.write(chunk)
-        dst.flush()
+    with open(inputs[0], "rb", buffering=0) as src, open(out, "wb", buffering=0) as dst:
+        while n := src.readinto(view):
+            dst.write(view[:n])
         os.fsync(dst.fileno())
+    elapsed = time.perf_counter() - start
     out.unlink()
-    return time.perf_counter() - start
+    return elapsed
 
 
 def jaxmerge_cmd(recipe: Path, out: Path) -> list[str]:
@@ -121,72 +157,211 @@ def mergekit_cmd(recipe: Path, out: Path) -> list[str]:
     return [exe, str(recipe), str(out), "--quiet", "--random-seed", "0"]
 
 
-def bench(root: Path, size: str, dtype: str, method: str, rounds: int) -> dict:
+def _clean_env() -> dict:
+    """The environment without any JAX or jaxmerge cache, depth or profile setting."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAXMERGE_"))}
+
+
+def cache_env(cache: Path | None) -> dict:
+    """No compilation cache (None), or the persistent cache in `cache`.
+
+    Both the jaxmerge switch (honoured once the command line calls
+    `enable_compile_cache`) and JAX's own variables are set, so the setting
+    holds with or without that call.
+    """
+    env = _clean_env()
+    if cache is None:
+        env["JAXMERGE_COMPILE_CACHE"] = "0"
+        return env
+    env.update({
+        "JAXMERGE_COMPILE_CACHE_DIR": str(cache), "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    })
+    return env
+
+
+def run_jaxmerge(recipe: Path, out: Path, env: dict, profile_file: Path) -> tuple[float, float, dict]:
+    """Wall, peak RSS and the merge's phase profile ({} when the jaxmerge run does not write one)."""
+    profile_file.unlink(missing_ok=True)
+    wall, peak = run_child(jaxmerge_cmd(recipe, out), {**env, "JAXMERGE_PROFILE": str(profile_file)})
+    profile = json.loads(profile_file.read_text()) if profile_file.exists() else {}
+    profile.pop("output", None)
+    return wall, peak, profile
+
+
+_IN_PROCESS = textwrap.dedent(
+    """
+    import json, os, sys
+    from jaxmerge.io.recipe import load_recipe
+    from jaxmerge.io.recipe_plan import merge_recipe
+    recipe, out, reps, depths = load_recipe(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
+    results = {d: [] for d in depths}
+    for rep in range(reps + 1):  # the first merge of each depth is a warm-up (compilation)
+        for d in depths:
+            os.environ["JAXMERGE_PIPELINE_DEPTH"] = d
+            plan = merge_recipe(recipe, out, force=True, progress=False)
+            if rep:
+                results[d].append(plan.profile)
+    print(json.dumps(results))
+    """
+)
+
+
+def in_process(recipe: Path, out: Path, reps: int, depths: list[int]) -> dict:
+    """Per depth, the profiles of `reps` merges in one process after a warm-up merge."""
+    result = subprocess.run([sys.executable, "-c", _IN_PROCESS, str(recipe), str(out), str(reps), ",".join(map(str, depths))],
+                            capture_output=True, text=True, env=cache_env(None), cwd=REPO)
+    if result.returncode:
+        raise SystemExit(f"in-process merges failed: {result.stderr[-2000:]}")
+    return {int(d): runs for d, runs in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+def median_profile(profiles: list[dict]) -> dict:
+    keys = sorted({k for p in profiles for k in p})
+    return {k: float(np.median([p[k] for p in profiles if k in p])) for k in keys}
+
+
+def bench(root: Path, size: str, dtype: str, method: str, rounds: int, baseline: Path | None, reps: int) -> dict:
+    load_before = os.getloadavg()
     base, models = build_models(root, size, dtype)
     recipe = root / f"{size}-{dtype}-{method}.yml"
     write_recipe(recipe, method, base, models, dtype)
     files = [f for m in [base, *models] for f in weight_files(m)]
     out_j, out_m = root / "out-jaxmerge", root / "out-mergekit"
-    env_nocache = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    profile_file = root / "profile.json"
+    env_nocache = cache_env(None)
     cache = Path(tempfile.mkdtemp(prefix="jaxmerge-cc-"))
-    env_cache = {**env_nocache, "JAX_COMPILATION_CACHE_DIR": str(cache),
-                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    # First runs: cold compile, then warm-cache compile (the page cache is warm for both).
+    env_cache = cache_env(cache)
+    env_baseline = {**env_nocache, "PYTHONPATH": str(baseline)} if baseline else None
+    # First runs (the page cache is warm for both): no cache at all, then filling an empty cache.
     io_floor(files, root / "floor.bin")
-    first_wall, _ = run_child(jaxmerge_cmd(recipe, out_j), env_nocache)
-    run_child(jaxmerge_cmd(recipe, out_j), env_cache)  # fills the persistent cache
-    cached_wall, _ = run_child(jaxmerge_cmd(recipe, out_j), env_cache)
-    walls = {"mergekit": [], "jaxmerge": [], "floor": []}
-    peaks = {"mergekit": [], "jaxmerge": []}
+    first_wall, first_peak, first_profile = run_jaxmerge(recipe, out_j, env_nocache, profile_file)
+    fill_wall, _, fill_profile = run_jaxmerge(recipe, out_j, env_cache, profile_file)
+    tools = ["floor", "mergekit", "jaxmerge", "jaxmerge_cached"] + (["baseline"] if baseline else [])
+    walls = {k: [] for k in tools}
+    peaks = {k: [] for k in tools if k != "floor"}
+    profiles = {"jaxmerge": [], "jaxmerge_cached": []}
     for _ in range(rounds):
         walls["floor"].append(io_floor(files, root / "floor.bin"))
         w, p = run_child(mergekit_cmd(recipe, out_m), env_nocache)
         walls["mergekit"].append(w), peaks["mergekit"].append(p)
-        w, p = run_child(jaxmerge_cmd(recipe, out_j), env_nocache)
-        walls["jaxmerge"].append(w), peaks["jaxmerge"].append(p)
+        for tool, env in (("jaxmerge", env_nocache), ("jaxmerge_cached", env_cache)):
+            w, p, prof = run_jaxmerge(recipe, out_j, env, profile_file)
+            walls[tool].append(w), peaks[tool].append(p), profiles[tool].append(prof)
+        if baseline:
+            w, p = run_child(jaxmerge_cmd(recipe, out_j), env_baseline, cwd=baseline)
+            walls["baseline"].append(w), peaks["baseline"].append(p)
+    steady = in_process(recipe, out_j, reps, [0, 2]) if reps else {}
     shutil.rmtree(cache, ignore_errors=True)
+    load_after = os.getloadavg()
     med = {k: float(np.median(v)) for k, v in walls.items()}
     row = {
         "size": size, "dtype": dtype, "method": method,
         "model_gb": round(sum(f.stat().st_size for f in weight_files(base)) / 1e9, 3),
-        "walls_s": walls, "peaks_gb": peaks,
-        "mergekit_s": med["mergekit"], "jaxmerge_s": med["jaxmerge"], "floor_s": med["floor"],
-        "speedup": med["mergekit"] / med["jaxmerge"], "x_floor": med["jaxmerge"] / med["floor"],
+        "walls_s": walls, "peaks_gb": peaks, "medians_s": med,
+        "mergekit_s": med["mergekit"], "jaxmerge_s": med["jaxmerge"], "jaxmerge_cached_s": med["jaxmerge_cached"],
+        "floor_s": med["floor"],
+        "speedup": med["mergekit"] / med["jaxmerge"], "speedup_cached": med["mergekit"] / med["jaxmerge_cached"],
+        "x_floor": med["jaxmerge"] / med["floor"], "x_floor_cached": med["jaxmerge_cached"] / med["floor"],
+        "peak_gb": {k: max(v) for k, v in peaks.items()},
         "rss_ratio": max(peaks["jaxmerge"]) / max(peaks["mergekit"]),
-        "first_run_s": first_wall, "first_run_with_compile_cache_s": cached_wall,
+        "first_run_s": first_wall, "first_run_peak_gb": first_peak, "first_run_profile": first_profile,
+        "cache_fill_run_s": fill_wall, "cache_fill_profile": fill_profile,
+        "profile_nocache": median_profile(profiles["jaxmerge"]), "profile_cached": median_profile(profiles["jaxmerge_cached"]),
+        "in_process": {f"depth{d}": {"walls_s": [p["wall_s"] for p in runs], "median": median_profile(runs)}
+                       for d, runs in steady.items()},
+        "load_before": load_before, "load_after": load_after,
     }
-    print(
+    if baseline:
+        row["baseline_s"] = med["baseline"]
+        row["baseline_ratio"] = med["baseline"] / med["jaxmerge"]
+    line = (
         f"{size:>6} {dtype:>8} {method:>15} {row['model_gb']:6.2f} GB | mergekit {med['mergekit']:6.1f} s "
-        f"{max(peaks['mergekit']):5.2f} GB | jaxmerge {med['jaxmerge']:6.1f} s {max(peaks['jaxmerge']):5.2f} GB | "
-        f"{row['speedup']:5.1f}x faster, RSS {row['rss_ratio']:.2f}x | floor {med['floor']:5.2f} s, "
-        f"{row['x_floor']:4.1f}x floor | first run {first_wall:.1f} s, with compile cache {cached_wall:.1f} s",
-        flush=True,
+        f"{row['peak_gb']['mergekit']:5.2f} GB | jaxmerge {med['jaxmerge']:5.1f} s, cached {med['jaxmerge_cached']:5.1f} s, "
+        f"{row['peak_gb']['jaxmerge']:5.2f} GB | {row['speedup']:5.1f}x / {row['speedup_cached']:5.1f}x faster | "
+        f"floor {med['floor']:5.2f} s | first run {first_wall:.1f} s"
     )
+    if baseline:
+        line += f" | baseline {med['baseline']:.1f} s"
+    for d, runs in steady.items():
+        line += f" | in-process depth {d}: {float(np.median([p['wall_s'] for p in runs])):.2f} s"
+    print(line + f" | load {load_before[0]:.1f} -> {load_after[0]:.1f}", flush=True)
     return row
+
+
+def markdown(result: dict) -> str:
+    """The results as Markdown tables (what the JSON holds, rounded)."""
+    lines = [
+        f"# jaxmerge merge vs mergekit-yaml ({result['machine']}, {result['date']})",
+        "",
+        f"Medians of {result['rounds']} alternating rounds, each tool in its own process (peak RSS: that process's).",
+        "jaxmerge: no compilation cache (every run compiles); cached: persistent compilation cache, warmed.",
+        "Floor: reading every input once and writing one output-sized file (page cache warm), fsync included.",
+        "",
+        "| model | dtype | method | GB/model | mergekit s | jaxmerge s | cached s | floor s | speedup (cached) "
+        "| x floor (cached) | peak GB mergekit / jaxmerge | first run s | cache fill s | load before / after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['size']} | {r['dtype']} | {r['method']} | {r['model_gb']:.2f} | {r['mergekit_s']:.1f} | {r['jaxmerge_s']:.2f} "
+            f"| {r['jaxmerge_cached_s']:.2f} | {r['floor_s']:.2f} | {r['speedup']:.1f}x ({r['speedup_cached']:.1f}x) "
+            f"| {r['x_floor']:.1f} ({r['x_floor_cached']:.1f}) | {r['peak_gb']['mergekit']:.2f} / {r['peak_gb']['jaxmerge']:.2f} "
+            f"| {r['first_run_s']:.1f} | {r['cache_fill_run_s']:.1f} | {r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |"
+        )
+    if any("baseline_s" in r for r in result["rows"]):
+        lines += ["", "Baseline (`--baseline`, no cache, same rounds):", "",
+                  "| model | dtype | method | baseline s | jaxmerge s | baseline / jaxmerge | peak GB baseline / jaxmerge |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            if "baseline_s" in r:
+                lines.append(f"| {r['size']} | {r['dtype']} | {r['method']} | {r['baseline_s']:.2f} | {r['jaxmerge_s']:.2f} "
+                             f"| {r['baseline_ratio']:.2f}x | {r['peak_gb']['baseline']:.2f} / {r['peak_gb']['jaxmerge']:.2f} |")
+    phases = ["wall_s", "read_s", "dispatch_s", "compile_s", "wait_s", "write_s", "sync_s"]
+    lines += ["", "Phase profile, seconds (medians; overlapped phases add up to more than the wall; "
+              "wait: merge results not ready when the writer wanted them):", "",
+              "| model | dtype | method | run | " + " | ".join(p[:-2] for p in phases) + " | compiles | cache hits |",
+              "|---|---|---|---|" + "---|" * (len(phases) + 2)]
+    for r in result["rows"]:
+        runs = [("CLI first run", r["first_run_profile"]), ("CLI, no cache", r["profile_nocache"]),
+                ("CLI, cached", r["profile_cached"])]
+        runs += [(f"in-process, depth {k[5:]}", v["median"]) for k, v in r["in_process"].items()]
+        for label, prof in runs:
+            if not prof:
+                continue
+            cells = [f"{prof[p]:.2f}" if p in prof else "-" for p in phases]
+            lines.append(f"| {r['size']} | {r['dtype']} | {r['method']} | {label} | " + " | ".join(cells)
+                         + f" | {prof.get('compiles', 0):.0f} | {prof.get('compile_cache_hits', 0):.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="small,llama")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--methods", default="ties,dare_ties,task_arithmetic")
+    parser.add_argument("--sizes", default="llama", help=f"comma-separated, of {sorted(SIZES)} (default llama)")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--methods", default="ties", help="of ties, dare_ties, task_arithmetic (default ties)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="in-process merges per depth after the warm-up (0: none)")
+    parser.add_argument("--baseline", default=None, help="a jaxmerge source tree to time as well (PYTHONPATH)")
     parser.add_argument("--dir", default="/tmp/jaxmerge-vs-mergekit")
-    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/vs_mergekit-<machine>.json)")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/vs_mergekit.json)")
     args = parser.parse_args(argv)
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
+    baseline = Path(args.baseline).resolve() if args.baseline else None
     rows = [
-        bench(root, size, dtype, method, args.rounds)
+        bench(root, size, dtype, method, args.rounds, baseline, args.reps)
         for size in args.sizes.split(",") for dtype in args.dtypes.split(",") for method in args.methods.split(",")
     ]
-    machine = f"cpu-{os.cpu_count()}core"
-    out = Path(args.output or Path(__file__).parent / "results" / f"vs_mergekit-{machine}.json")
-    out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "rounds": args.rounds, "rows": rows,
-    }, indent=1) + "\n")
-    print(f"wrote {out}")
+    out = Path(args.output or Path(__file__).parent / "results" / "vs_mergekit.json")
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU only",
+        "rounds": args.rounds, "reps": args.reps, "baseline": str(baseline) if baseline else None, "rows": rows,
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -9,6 +9,9 @@ import pytest
 
 # Tests run on the CPU unless a GPU test asks otherwise; keep XLA from grabbing all memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# `jaxmerge merge` keeps compiled kernels in ~/.cache/jaxmerge/xla; tests (and the commands they run)
+# leave the user's cache alone unless a test turns it on (tests/test_pipeline.py, test_cli_uses_*).
+os.environ.setdefault("JAXMERGE_COMPILE_CACHE", "0")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -49,19 +49,28 @@ _RECIPE_FLAGS = ("method", "weights", "density", "base", "majority_sign_method",
 
 def _merge(args: argparse.Namespace) -> int:
     from jaxmerge.io._atomic import sigterm_before_writing
+    from jaxmerge.io.compile_cache import enable_compile_cache
     from jaxmerge.io.safetensors_io import CheckpointError
 
+    # Before any JAX work: later runs load the merge kernels instead of compiling them
+    # (~/.cache/jaxmerge/xla; JAXMERGE_COMPILE_CACHE=0 turns it off).
+    enable_compile_cache()
+
+    group = None
     try:
         # SIGTERM while planning (opening checkpoints, resolving Hub ids) says so in one line;
         # atomic_directory takes over while the output is written.
         with sigterm_before_writing(args.output or "the output"):
-            return _merge_checked(args)
+            group = _join_group(args)  # first: a process that fails below still takes part in the vote
+            return _merge_checked(args, group)
     except (CheckpointError, ValueError, FileExistsError, TypeError) as err:
+        if group is not None and not group.voted:
+            group.ready(False)  # tell the other processes, which wait for this one's vote
         print(f"jaxmerge merge: error: {err}", file=sys.stderr)
         return 2
 
 
-def _merge_checked(args: argparse.Namespace) -> int:
+def _merge_checked(args: argparse.Namespace, group: _Group | None) -> int:
     """The merge command's work; errors are raised for `_merge` to print."""
     from pathlib import Path
 
@@ -84,6 +93,8 @@ def _merge_checked(args: argparse.Namespace) -> int:
             raise CheckpointError("--method is required for checkpoints (or give one recipe.yml)")
         adapters = [Path(p) / "adapter_config.json" for p in args.inputs]
         if any(a.exists() for a in adapters):
+            if group is not None:
+                raise CheckpointError("multi-process merging applies to checkpoints; LoRA adapters merge in one process")
             return _merge_adapters(args, adapters, COMBINATION_TYPES, merge_lora)
         params = {"density": args.density, "majority_sign_method": args.majority_sign_method, **dict(args.param or [])}
         recipe = recipe_from_flags(
@@ -110,6 +121,13 @@ def _merge_checked(args: argparse.Namespace) -> int:
         from jaxmerge.core.sharding import make_mesh
 
         mesh = make_mesh(args.devices)
+    processes = None
+    if group is not None:
+        if orbax:
+            raise CheckpointError("multi-process merging applies to safetensors checkpoints; Orbax checkpoints merge in one process (use --devices)")
+        if not group.ready(True):
+            raise CheckpointError("another merging process failed before merging; nothing was written")
+        processes = group.processes
     if orbax:
         merge_orbax_recipe(
             recipe, args.output, seed=args.seed, force=args.force, progress=not args.quiet, mesh=mesh,
@@ -118,10 +136,45 @@ def _merge_checked(args: argparse.Namespace) -> int:
     else:
         merge_recipe(
             recipe, args.output, seed=args.seed, max_shard_size=args.max_shard_size, force=args.force,
-            progress=not args.quiet, mesh=mesh, allow_nonfinite=args.allow_nonfinite,
+            progress=not args.quiet, mesh=mesh, allow_nonfinite=args.allow_nonfinite, processes=processes,
         )
     print(f"merged into {Path(args.output).resolve()}")
     return 0
+
+
+_GROUP_FLAGS = ("coordinator", "num_processes", "process_id")
+
+
+class _Group:
+    """This process's merging group (--coordinator ...) and its one vote before merging."""
+
+    def __init__(self, processes):
+        self.processes = processes
+        self.voted = False
+
+    def ready(self, ok: bool) -> bool:
+        """Vote whether this process can merge; True when every process can."""
+        self.voted = True
+        return self.processes.all_true(ok)
+
+
+def _join_group(args: argparse.Namespace) -> _Group | None:
+    """With --coordinator/--num-processes/--process-id: join the merging group (None: merge alone)."""
+    from jaxmerge.io.safetensors_io import CheckpointError
+
+    given = [name for name in _GROUP_FLAGS if getattr(args, name) is not None]
+    if not given:
+        return None
+    if len(given) < len(_GROUP_FLAGS):
+        missing = [f"--{n.replace('_', '-')}" for n in _GROUP_FLAGS if n not in given]
+        raise CheckpointError(f"multi-process merging needs --coordinator, --num-processes and --process-id; missing {', '.join(missing)}")
+    if args.dry_run:
+        raise CheckpointError("--dry-run plans in one process; leave out --coordinator, --num-processes and --process-id")
+    from jaxmerge.io import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    processes = distributed.current()
+    return _Group(processes) if processes is not None else None
 
 
 def _merge_adapters(args, adapters, combination_types, merge_lora) -> int:
@@ -271,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--svd-rank", type=int, help="rank of the *_svd LoRA types (default: the largest input rank)")
     merge.add_argument("--svd-clamp", type=float, help="quantile at which *_svd factors are clamped")
     merge.add_argument("--devices", type=int, help="shard each tensor over this many devices (JAX's SPMD; checkpoints only)")
+    merge.add_argument(
+        "--coordinator", metavar="HOST:PORT",
+        help="merge with several processes (hosts reading shared storage): process 0's address; each process "
+        "writes its share of the output shards (see README, 'Past one machine')",
+    )
+    merge.add_argument("--num-processes", type=int, help="processes in the merging group (with --coordinator)")
+    merge.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1 (with --coordinator)")
     merge.add_argument("--force", action="store_true", help="replace an existing output")
     merge.add_argument(
         "--allow-nonfinite", action="store_true",

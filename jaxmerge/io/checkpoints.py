@@ -1,8 +1,13 @@
 """Merge full safetensors checkpoints, streamed: one tensor at a time, written as it finishes.
 
-Peak memory stays near (inputs + 2) x the largest tensor whatever the model
-size: each tensor is read from every input (memory-mapped), merged by the core
-(`jaxmerge.methods.pytree.merge_leaf`) and appended to the output shard being written.
+Each tensor is read from every input, merged by the core
+(`jaxmerge.methods.pytree.merge_leaf`) and appended to the output shard being
+written. The three steps overlap (`jaxmerge.io._pipeline`): a reader thread
+reads the next tensors' inputs while JAX computes the current merge
+(dispatched asynchronously) and a writer thread writes the previous result.
+At most `depth` tensors (default 2) are in flight, so peak memory stays near
+depth x (inputs + 2) x the largest tensor whatever the model size. The bytes
+written are those of the serial loop (`depth=0`), tensor for tensor.
 
 Every merge is planned the same way: a *layout* lists the output tensors and,
 for each, which tensor of which checkpoint feeds each input of the merge (the
@@ -16,7 +21,11 @@ other layouts (`jaxmerge.io.recipe_plan`). Everything is checked in
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +37,19 @@ import numpy as np
 
 from jaxmerge import __version__
 from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
+from jaxmerge.io._finite import finite_flags as _finite
+from jaxmerge.io._pipeline import PhaseProfile, run_ordered
 from jaxmerge.methods._table import MethodError
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
 from jaxmerge.io.safetensors_io import (
+    ALIGN,
     DTYPES,
     FLOAT_DTYPES,
     Checkpoint,
     CheckpointError,
     ShardWriter,
     TensorInfo,
+    aligned_empty,
     parse_size,
     plan_shards,
     resolve_files,
@@ -46,6 +59,23 @@ from jaxmerge.io.safetensors_io import (
 
 # mergekit's dtype names (recipes' `dtype` / `out_dtype`) -> safetensors codes.
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+DEFAULT_DEPTH = 2
+logger = logging.getLogger(__name__)
+
+
+def default_depth() -> int:
+    """Tensors in flight (`merge_checkpoints`' `depth`): $JAXMERGE_PIPELINE_DEPTH, else 2."""
+    text = os.environ.get("JAXMERGE_PIPELINE_DEPTH", "").strip()
+    if not text:
+        return DEFAULT_DEPTH
+    try:
+        depth = int(text)
+    except ValueError:
+        raise CheckpointError(f"JAXMERGE_PIPELINE_DEPTH must be an integer >= 0, got {text!r}") from None
+    if depth < 0:
+        raise CheckpointError(f"JAXMERGE_PIPELINE_DEPTH must be an integer >= 0, got {text!r}")
+    return depth
 
 
 @dataclass(frozen=True)
@@ -85,6 +115,8 @@ class MergePlan:
     dtype: str | None = None  # inputs are cast to this safetensors code when read
     given: list[str] = field(default_factory=list)  # the inputs as the caller named them
     extra_record: dict = field(default_factory=dict)
+    depth: int = DEFAULT_DEPTH  # tensors in flight (see merge_checkpoints)
+    profile: dict = field(default_factory=dict)  # seconds per phase of the executed merge (PhaseProfile.as_dict)
 
     @property
     def largest(self) -> int:
@@ -92,9 +124,9 @@ class MergePlan:
 
     @property
     def estimated_peak_bytes(self) -> int:
-        # Each input's tensor, the float32 work copy and the result.
+        # Per tensor in flight: each input's tensor, the float32 work copy and the result.
         widest = max((len(t.sources) for t in self.layout), default=len(self.inputs))
-        return (widest + 2) * self.largest
+        return max(1, self.depth) * (widest + 2) * self.largest
 
     def recipe(self) -> dict:
         """The record written beside the output: enough to repeat the merge bit for bit."""
@@ -226,7 +258,7 @@ def plan_merge(
     plan = MergePlan(
         inputs=[c.path for c in checkpoints[: len(inputs)]], base=base_ckpt.path if base_ckpt else None,
         output=output, method=method, params=params, seed=seed, tensors=tensors, params_for=params_for,
-        layout=layout, dtype=codes.get("dtype"), given=[str(p) for p in sources],
+        layout=layout, dtype=codes.get("dtype"), given=[str(p) for p in sources], depth=default_depth(),
     )
     for entry, info in zip(layout, tensors):
         per_tensor = {**params, **(entry.params or {}), **(params_for(entry.name) if params_for else {})}
@@ -289,6 +321,8 @@ def merge_checkpoints(
     allow_nonfinite: bool = False,
     finish: Callable[[Path, MergePlan], None] | None = None,
     record: Mapping[str, Any] | None = None,
+    depth: int | None = None,
+    processes=None,
     **params,
 ) -> MergePlan:
     """Merge safetensors checkpoints tensor by tensor into `output` (a directory).
@@ -313,17 +347,43 @@ def merge_checkpoints(
       finish: `finish(directory, plan)` writes further files (config.json, a
         model card) into the output before it is moved into place.
       record: more entries for the recorded recipe (jaxmerge_recipe.json).
+      processes: a `jaxmerge.io.distributed.Processes` group: this process
+        merges and writes its share of the output shards, process 0 the index
+        and model files (same bytes as one process). None: merge alone.
+      depth: tensors in flight at once: reading the next inputs, merging and
+        writing overlap in three threads, and peak memory is about
+        `depth x (inputs + 2) x` the largest tensor (`plan.estimated_peak_bytes`).
+        0 merges one tensor after the other in the calling thread. None:
+        $JAXMERGE_PIPELINE_DEPTH, else 2. The output is the same for every depth.
       **params: the method's parameters (`density=0.2`, ...).
 
     Returns:
       The executed plan. The output holds model.safetensors (or shards and an
       index) whose metadata records the recipe, the seed and the jaxmerge version.
+      `plan.profile` holds the seconds of each phase (read, dispatch, compile,
+      wait, write, sync, wall; see `jaxmerge.io._pipeline.PhaseProfile`); it is
+      logged at INFO level, and $JAXMERGE_PROFILE=1 prints it on stderr
+      ($JAXMERGE_PROFILE=<file>.json writes it there as JSON).
     """
-    plan, checkpoints, _ = plan_merge(
-        inputs, output, method=method, weights=weights, seed=seed, base=base,
-        max_shard_size=max_shard_size, params_for=params_for, layout=layout, dtype=dtype, out_dtype=out_dtype,
-        **params,
-    )
+    profile = PhaseProfile()
+    started = time.perf_counter()
+    with profile.phase("plan"):
+        try:
+            plan, checkpoints, _ = plan_merge(
+                inputs, output, method=method, weights=weights, seed=seed, base=base,
+                max_shard_size=max_shard_size, params_for=params_for, layout=layout, dtype=dtype, out_dtype=out_dtype,
+                **params,
+            )
+        except BaseException:
+            if processes is not None:
+                processes.all_true(False)  # the other processes wait for this one's plan
+            raise
+        if processes is not None and not processes.all_true(True):
+            raise CheckpointError(f"{output}: another merging process could not plan the merge; nothing was written")
+    if depth is not None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise CheckpointError(f"depth must be an integer >= 0, got {depth!r}")
+        plan.depth = depth
     plan.extra_record = dict(record or {})
     metadata = {"format": "pt", "jaxmerge_version": __version__, "jaxmerge_recipe": json.dumps(plan.recipe())}
     key = jax.random.key(seed)
@@ -331,52 +391,160 @@ def merge_checkpoints(
     from tqdm.auto import tqdm
 
     total = sum(t.nbytes for t in plan.tensors)
-    with atomic_directory(plan.output, force=force) as tmp, tqdm(
+    entries = {e.name: e for e in plan.layout}
+    # (shard number, position in the shard, tensor): the order of the output's bytes.
+    items = [(s, i, info) for s, shard in enumerate(plan.shards) for i, info in enumerate(shard)]
+    if processes is not None:  # this process writes its share of the shards (jaxmerge.io.distributed)
+        from jaxmerge.io import distributed
+
+        owners = distributed.assign_shards([sum(t.nbytes for t in shard) for shard in plan.shards], processes.count)
+        items = [item for item in items if owners[item[0]] == processes.index]
+    writers: dict[int, ShardWriter] = {}
+    arenas = _Arenas(max(1, plan.depth), max((_arena_bytes(e, checkpoints) for e in plan.layout), default=0))
+
+    # The plan knows the output's size: a disk without room for it fails before anything is written.
+    def finalize(tmp: Path) -> None:
+        with profile.phase("finish"):
+            if len(plan.shards) > 1:
+                write_index(tmp, plan.shards, names, {"jaxmerge_version": __version__})
+            (tmp / "jaxmerge_recipe.json").write_text(json.dumps({**plan.recipe(), "jaxmerge_version": __version__}, indent=2) + "\n")
+            if finish is not None:
+                finish(tmp, plan)
+
+    if processes is None:
+        output_directory = atomic_directory(plan.output, force=force, expected_bytes=total)
+    else:  # every process writes into one temporary; process 0 finalizes it once all succeeded
+        output_directory = distributed.shared_atomic_directory(plan.output, processes, force=force, finalize=finalize)
+    with profile.compiles(), output_directory as tmp, tqdm(
         total=total, unit="B", unit_scale=True, desc="merging", disable=not progress
     ) as bar:
-        entries = {e.name: e for e in plan.layout}
-        for shard, filename in zip(plan.shards, names):
-            writer = ShardWriter(tmp / filename, shard, metadata)
-            try:
-                for info in shard:
-                    stop_if_terminated()
-                    merged = _merge_tensor(entries[info.name], info, checkpoints, plan, key, mesh, allow_nonfinite)
-                    writer.write(info.name, merged)
-                    bar.update(info.nbytes)
-                    bar.set_postfix_str(info.name[-40:], refresh=False)
-                writer.close()
-            except BaseException:
+
+        def read(item):
+            with profile.phase("read"):
+                arena = arenas.take()
+                return arena, _read_sources(entries[item[2].name], item[2], checkpoints, arena)
+
+        def dispatch(item, read_result):
+            arena, leaves = read_result
+            with profile.phase("dispatch"):
+                return arena, _dispatch_merge(entries[item[2].name], item[2], leaves, checkpoints, plan, key, mesh, allow_nonfinite)
+
+        def write(item, dispatched):
+            arena, pending = dispatched
+            del dispatched
+            shard, position, info = item
+            if position == 0:  # the shard's header is written (and its room checked) before its first tensor
+                with profile.phase("write"):
+                    writers[shard] = ShardWriter(tmp / names[shard], plan.shards[shard], metadata)
+            with profile.phase("wait"):
+                array = _result(pending)
+            with profile.phase("write"):
+                writers[shard].write(info.name, array)
+                # The merge is computed and written: nothing reads this tensor's inputs any more.
+                del array, pending
+                arenas.give_back(arena)
+            if position == len(plan.shards[shard]) - 1:
+                with profile.phase("sync"):
+                    writers.pop(shard).close()
+            bar.update(info.nbytes)
+            bar.set_postfix_str(info.name[-40:], refresh=False)
+
+        try:
+            run_ordered(items, read, dispatch, write, depth=plan.depth, between=stop_if_terminated)
+        finally:
+            for writer in writers.values():  # a shard left open by an error: its file is discarded
                 writer.abort()
-                raise
-        if len(plan.shards) > 1:
-            write_index(tmp, plan.shards, names, {"jaxmerge_version": __version__})
-        (tmp / "jaxmerge_recipe.json").write_text(json.dumps({**plan.recipe(), "jaxmerge_version": __version__}, indent=2) + "\n")
-        if finish is not None:
-            finish(tmp, plan)
+        if processes is None:
+            finalize(tmp)
+    profile.add("wall", time.perf_counter() - started)
+    profile.count("tensors", len(items))
+    profile.count("depth", plan.depth)
+    plan.profile = profile.as_dict()
+    _report_profile(plan, profile)
     return plan
 
 
-@jax.jit
-def _finite(leaves):
-    """One flag per input: every entry is finite.
+def _report_profile(plan: MergePlan, profile: PhaseProfile) -> None:
+    """Log the profile; $JAXMERGE_PROFILE=1 prints it on stderr, =<path> writes it as JSON."""
+    logger.info("merged %s: %s", plan.output, profile.line())
+    where = os.environ.get("JAXMERGE_PROFILE", "").strip()
+    if not where or where == "0":
+        return
+    if where in ("1", "stderr"):
+        print(f"jaxmerge: profile: {profile.line()}", file=sys.stderr, flush=True)
+        return
+    try:
+        Path(where).write_text(json.dumps({"output": str(plan.output), **plan.profile}, indent=1) + "\n")
+    except OSError as err:
+        logger.warning("cannot write the profile to %s: %s", where, err)
 
-    `x * 0` is 0 for finite entries and NaN for NaN and inf, so the sum is NaN
-    exactly when some entry is not finite (no overflow: the summands are 0); a
-    sum reduction is 2-3x faster on CPUs than `all(isfinite(x))`.
+
+class _Arenas:
+    """Host buffers for the inputs of the tensors in flight, reused from tensor to tensor.
+
+    Fresh memory costs a page fault (and the kernel's zeroing) per page on its
+    first write: reading into reused buffers is 2-3x faster than reading into
+    new ones. There is one arena per tensor in flight (`depth`), each the size
+    of the widest tensor's inputs; the reader takes one, the writer gives it
+    back once the tensor's merge is computed and written (the JAX arrays
+    aliasing it are no longer read). Allocated on first use.
     """
-    return jnp.isfinite(jnp.stack([jnp.sum(x * 0, dtype=jnp.float32) for x in leaves]))
+
+    def __init__(self, count: int, nbytes: int):
+        self._nbytes = nbytes
+        self._count = count
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+
+    def take(self) -> np.ndarray:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            # The first `count` tensors, and after an error; a fresh buffer is always correct.
+            return aligned_empty(self._nbytes)
+
+    def give_back(self, arena: np.ndarray) -> None:
+        if self._free.qsize() < self._count:
+            self._free.put(arena)
 
 
-def _merge_tensor(entry: OutputTensor, info: TensorInfo, checkpoints, plan: MergePlan, key, mesh, allow_nonfinite) -> np.ndarray:
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _arena_bytes(entry: OutputTensor, checkpoints) -> int:
+    """Bytes of one output tensor's inputs, each starting ALIGN-aligned."""
+    return sum(_aligned(checkpoints[i].tensors[name].nbytes) for i, name in entry.sources)
+
+
+def _read_sources(entry: OutputTensor, info: TensorInfo, checkpoints, arena: np.ndarray | None = None) -> tuple[str, Any]:
+    """Read one output tensor's inputs (the reader thread): ("int", array) or ("float", JAX arrays).
+
+    With `arena` (ALIGN-aligned uint8, `_arena_bytes(entry)` long) the inputs are read into it,
+    one after the other; the results are views of it.
+    """
     sources = [(checkpoints[i], name) for i, name in entry.sources]
+    leaves, offset = [], 0
+    for c, name in sources:
+        size = c.tensors[name].nbytes
+        into = arena[offset : offset + size] if arena is not None and offset + size <= arena.nbytes else None
+        leaves.append(c.read_host(name, into))
+        offset += _aligned(size)
     if info.dtype not in FLOAT_DTYPES:
-        leaves = [c.read(name) for c, name in sources]
         # Integer buffers (position ids, step counters) are not task vectors: they must agree.
         if any(not np.array_equal(leaves[0], leaf) for leaf in leaves):
             raise CheckpointError(f"tensor {info.name} ({info.dtype}) differs across inputs and cannot be merged")
-        return leaves[0]
-    # Read into JAX directly: a NumPy copy on the way would double the inputs' memory.
-    leaves = [c.read(name, framework="flax") for c, name in sources]
+        return "int", leaves[0]
+    # The aligned host buffers become JAX arrays without a copy (no NumPy or JAX copy on the way).
+    return "float", [jax.device_put(x, may_alias=True) for x in leaves]
+
+
+def _dispatch_merge(entry: OutputTensor, info: TensorInfo, read: tuple[str, Any], checkpoints, plan: MergePlan,
+                    key, mesh, allow_nonfinite):
+    """Start one tensor's merge (JAX dispatches asynchronously); `_result` waits for it."""
+    kind, leaves = read
+    if kind == "int":
+        return kind, leaves
+    sources = [(checkpoints[i], name) for i, name in entry.sources]
     if plan.dtype is not None:
         target = jnp.dtype(DTYPES[plan.dtype])
         leaves = [x if x.dtype == target else x.astype(target) for x in leaves]
@@ -388,6 +556,15 @@ def _merge_tensor(entry: OutputTensor, info: TensorInfo, checkpoints, plan: Merg
     merged = merge_leaf(
         models, spec, bound, base=base, key=path_key(key, info.name) if spec.random else None, mesh=mesh,
     )
+    return kind, (merged, flags, sources)
+
+
+def _result(pending) -> np.ndarray:
+    """Wait for a dispatched merge; stop on non-finite inputs (one line naming the file and tensor)."""
+    kind, value = pending
+    if kind == "int":
+        return value
+    merged, flags, sources = value
     if flags is not None:
         flags = np.asarray(flags)
         if not flags.all():
@@ -395,4 +572,17 @@ def _merge_tensor(entry: OutputTensor, info: TensorInfo, checkpoints, plan: Merg
             raise CheckpointError(
                 f"{ckpt.path}: tensor {name} holds NaN or inf; pass --allow-nonfinite (allow_nonfinite=True) to merge it anyway"
             )
-    return np.asarray(merged)
+    result = np.asarray(merged)
+    if flags is not None and result.dtype == np.float16 and np.isinf(result).any():
+        # Finite inputs, infinite result: the weighted merge left float16's range when cast back.
+        raise CheckpointError(
+            f"tensor {sources[-1][1]}: the merged values exceed float16's range (65504); merge to float32 "
+            "(a recipe's out_dtype: float32) or pass --allow-nonfinite (allow_nonfinite=True) to keep inf"
+        )
+    return result
+
+
+def _merge_tensor(entry: OutputTensor, info: TensorInfo, checkpoints, plan: MergePlan, key, mesh, allow_nonfinite) -> np.ndarray:
+    """One tensor, read, merged and returned in the calling thread (what each step of the pipeline does)."""
+    read = _read_sources(entry, info, checkpoints)
+    return _result(_dispatch_merge(entry, info, read, checkpoints, plan, key, mesh, allow_nonfinite))

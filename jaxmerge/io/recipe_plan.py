@@ -293,6 +293,7 @@ def merge_recipe(
     progress: bool = True,
     mesh=None,
     allow_nonfinite: bool = False,
+    processes=None,
 ) -> MergePlan:
     """Merge as the recipe says into `output` (weights, config.json, tokenizer, README.md, mergekit_config.yml).
 
@@ -300,7 +301,7 @@ def merge_recipe(
       recipe: from `load_recipe` or `recipe_from_flags`.
       output: the output directory (written atomically).
       seed, max_shard_size: override the recipe's `jaxmerge:` settings.
-      force, progress, mesh, allow_nonfinite: as `merge_checkpoints`.
+      force, progress, mesh, allow_nonfinite, processes: as `merge_checkpoints`.
 
     Returns:
       The executed plan.
@@ -311,4 +312,5 @@ def merge_recipe(
         seed=recipe.seed if seed is None else seed, max_shard_size=max_shard_size or recipe.max_shard_size,
         layout=planner.layout, dtype=recipe.dtype, out_dtype=recipe.out_dtype, force=force, progress=progress,
         mesh=mesh, allow_nonfinite=allow_nonfinite, finish=planner.finish, record=planner.record(),
+        processes=processes,
     )

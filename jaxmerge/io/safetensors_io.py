@@ -1,6 +1,11 @@
 """Read safetensors checkpoints one tensor at a time, write them as tensors finish.
 
-Reading uses the `safetensors` library (memory-mapped, one tensor at a time).
+Reading: the `safetensors` library checks each file's header when it is opened;
+a tensor's bytes are then read with positioned reads into a 64-byte-aligned
+host buffer (`Checkpoint.read_host`; a reused one skips the page faults of
+fresh memory), which JAX takes as its own without a copy
+(`jax.device_put(..., may_alias=True)`) and which a reader thread can fill
+while other threads run (the reads release the GIL).
 Writing is streamed: the library's writers need every tensor of a file alive
 at once, which would make peak memory grow with the shard size. The format is
 simple (an 8-byte little-endian header length, a JSON header with each
@@ -12,9 +17,11 @@ library's own reader.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
+import sys
 import re
 import shutil
 import struct
@@ -129,6 +136,7 @@ class Checkpoint:
         found = resolve_files(self.path)
         files = sorted(set(found.values())) if isinstance(found, dict) else found
         self._file_of: dict[str, Path] = {}
+        self._offset_of: dict[str, int] = {}  # absolute byte offset of the tensor's data in its file
         self.tensors: dict[str, TensorInfo] = {}
         for file in files:
             size = file.stat().st_size if file.exists() else -1
@@ -140,9 +148,15 @@ class Checkpoint:
                         self._file_of[name] = file
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from None
-            end = _data_end(file)
-            if end is not None and size < end:
-                raise CheckpointError(f"{file}: truncated: {size} bytes, the header needs {end}")
+            parsed = _read_header(file)
+            if parsed is not None:
+                start, header = parsed
+                end = start + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if size < end:
+                    raise CheckpointError(f"{file}: truncated: {size} bytes, the header needs {end}")
+                for name, entry in header.items():
+                    if name != "__metadata__" and self._file_of.get(name) == file:
+                        self._offset_of[name] = start + int(entry["data_offsets"][0])
         if isinstance(found, dict):
             missing = sorted(set(found) - set(self.tensors))
             if missing:
@@ -160,17 +174,76 @@ class Checkpoint:
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None
 
+    def read_host(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """One tensor as a NumPy array in a 64-byte-aligned host buffer, read with positioned reads.
 
-def _data_end(file: Path) -> int | None:
-    """Byte length the header promises (8 + header + largest end offset)."""
+        The bytes are the file's, unconverted (bfloat16 via ml_dtypes). The
+        alignment lets `jax.device_put(array, may_alias=True)` adopt the buffer
+        on CPU without copying it; the reads release the GIL, so another
+        thread can read ahead while the merge runs.
+
+        Args:
+          name: the tensor.
+          into: optional 1-D contiguous uint8 buffer of at least the tensor's
+            size, 64-byte aligned, to read into (reused buffers skip the page faults of
+            fresh memory); None: a fresh buffer. The caller owns it: the
+            returned array is a view of it.
+        """
+        file = self._file_of.get(name)
+        info = self.tensors.get(name)
+        if file is None or info is None:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
+        offset = self._offset_of.get(name)
+        if offset is None or sys.byteorder != "little":  # unparsed header, or a big-endian host: the library's path
+            return np.array(self.read(name))
+        nbytes = info.nbytes
+        if (into is not None and into.dtype == np.uint8 and into.ndim == 1 and into.flags.c_contiguous
+                and into.nbytes >= nbytes and into.ctypes.data % ALIGN == 0):
+            buf = into[:nbytes]
+        else:
+            buf = aligned_empty(nbytes)
+        try:
+            with open(file, "rb", buffering=0) as f:
+                done = 0
+                view = memoryview(buf)
+                while done < nbytes:
+                    f.seek(offset + done)
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise OSError(errno.EIO, f"unexpected end of file after {offset + done} bytes")
+                    done += got
+        except OSError as err:
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({err.strerror or err})") from None
+        return buf.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer of `nbytes` whose data is ALIGN-byte aligned."""
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip : skip + nbytes]
+
+
+ALIGN = 64  # XLA:CPU adopts host buffers aligned to 64 bytes without copying them
+
+
+def _read_header(file: Path) -> tuple[int, dict] | None:
+    """(offset of the data, header dict) of a safetensors file, or None when unreadable."""
     try:
         with open(file, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_len))
     except (OSError, ValueError, struct.error):
         return None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return 8 + header_len + max(ends, default=0)
+    if not isinstance(header, dict):
+        return None
+    try:
+        for k, v in header.items():
+            if k != "__metadata__":
+                int(v["data_offsets"][0]), int(v["data_offsets"][1])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return 8 + header_len, header
 
 
 def parse_size(text: str | int) -> int:
@@ -200,9 +273,16 @@ def plan_shards(tensors: list[TensorInfo], max_shard_size: int) -> list[list[Ten
 
 
 class ShardWriter:
-    """Write one safetensors file whose tensors arrive one at a time, in plan order."""
+    """Write one safetensors file whose tensors arrive one at a time, in plan order.
 
-    def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str]):
+    With `writeback` (the default) each tensor's bytes are handed to the
+    kernel's write-back as soon as they are written (Linux `sync_file_range`,
+    which returns at once), so the disk writes overlap the rest of the merge
+    and the `fsync` at `close` has little left to wait for. The page cache
+    keeps the bytes either way; the file's content is the same.
+    """
+
+    def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], *, writeback: bool = True):
         self.path = path
         self._pending = list(tensors)
         header: dict[str, object] = {"__metadata__": dict(metadata)}
@@ -216,6 +296,9 @@ class ShardWriter:
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(raw)))
         self._file.write(raw)
+        self._written = 8 + len(raw)
+        self._synced = 0  # bytes already handed to write-back
+        self._writeback = writeback and _sync_file_range is not None
 
     def write(self, name: str, array: np.ndarray) -> None:
         expected = self._pending.pop(0)
@@ -225,6 +308,14 @@ class ShardWriter:
         if data.shape != expected.shape:
             raise RuntimeError(f"tensor {name} has shape {data.shape}, the plan says {expected.shape}")
         self._file.write(data.reshape(-1).view(np.uint8).data)  # a byte view: bfloat16 has no buffer format
+        self._written += data.nbytes
+        if self._writeback and self._written - self._synced >= _WRITEBACK_BYTES:
+            self._file.flush()
+            # Start write-back of what is written so far, without waiting for it (the
+            # later fsync waits); an error here is only lost advice: close's fsync reports.
+            if _sync_file_range(self._file.fileno(), ctypes.c_int64(self._synced),
+                                ctypes.c_int64(self._written - self._synced), _SYNC_FILE_RANGE_WRITE) == 0:
+                self._synced = self._written
 
     def close(self) -> None:
         if self._pending:
@@ -238,6 +329,25 @@ class ShardWriter:
             self._file.close()
         except OSError:
             pass  # the close flushes the buffer: on a full disk it fails again; the file is discarded anyway
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_WRITEBACK_BYTES = 16 << 20  # start write-back every 16 MB written
+
+
+def _load_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 def _check_room(path: Path, size: int) -> None:

@@ -1,0 +1,281 @@
+"""The overlapped checkpoint merge (reader, dispatch, writer threads), its profile and the compile cache."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from jaxmerge.io._pipeline import PhaseProfile, run_ordered
+from jaxmerge.io.checkpoints import merge_checkpoints
+from jaxmerge.io.compile_cache import default_cache_dir
+from jaxmerge.io.safetensors_io import Checkpoint, CheckpointError
+
+SHAPES = {"embed.weight": (50, 16), "layers.0.w": (16, 16), "layers.0.b": (16,), "layers.1.w": (16, 16), "head": (50, 16)}
+
+
+def write_models(root, n=4, dtype=np.float32, shapes=SHAPES, seed=0):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        tensors = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+        tensors["position_ids"] = np.arange(10, dtype=np.int64)
+        path = root / f"model{i}.safetensors"
+        save_file(tensors, str(path))
+        paths.append(path)
+    return paths
+
+
+def files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+# --- run_ordered --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 4])
+def test_stages_run_in_order_with_at_most_depth_items_in_flight(depth):
+    lock = threading.Lock()
+    live, peak, written = [0], [0], []
+
+    def read(i):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.002 * (i % 3))  # uneven stages
+        return i * 10
+
+    def write(i, y):
+        time.sleep(0.002 * ((i + 1) % 3))
+        written.append((i, y))
+        with lock:
+            live[0] -= 1
+
+    run_ordered(range(20), read, lambda i, x: x + 1, write, depth=depth)
+    assert written == [(i, i * 10 + 1) for i in range(20)]
+    assert peak[0] <= max(depth, 1)
+
+
+def _threads():
+    return [t for t in threading.enumerate() if t.name.startswith("jaxmerge-")]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+@pytest.mark.parametrize("stages", [("read", "write"), ("write", "read"), ("dispatch", "read"), ("write", "dispatch")])
+def test_the_earliest_failing_item_wins_whichever_stage(depth, stages):
+    """Item 3 fails in one stage, item 5 in another: item 3's error is raised, as a serial loop would."""
+    early, late = stages
+    written = []
+
+    def stage(name):
+        def run(i, *rest):
+            if (name, i) in ((early, 3), (late, 5)):
+                raise ValueError(f"{name} {i}")
+            return rest[0] if rest else i
+        return run
+
+    def write(i, y):
+        stage("write")(i, y)
+        written.append(i)
+
+    with pytest.raises(ValueError, match=f"^{early} 3$"):
+        run_ordered(range(10), stage("read"), stage("dispatch"), write, depth=depth)
+    assert written == [0, 1, 2]  # everything before the failing item, nothing after
+    assert not _threads()
+
+
+def test_between_stops_every_stage_and_threads_are_joined():
+    calls = []
+
+    def between():
+        if len(calls) >= 4:
+            raise SystemExit(143)
+
+    with pytest.raises(SystemExit):
+        run_ordered(range(100), lambda i: calls.append(i) or i, lambda i, x: x, lambda i, y: None, depth=2, between=between)
+    assert len(calls) < 10 and not _threads()
+
+
+def test_profile_counts_phases_and_compilations():
+    import jax
+    import jax.numpy as jnp
+
+    profile = PhaseProfile()
+    with profile.compiles():
+        with profile.phase("dispatch"):
+            jax.jit(lambda x: x * 3 + 1)(jnp.ones(7)).block_until_ready()  # a fresh function: one compilation
+    d = profile.as_dict()
+    assert d["compiles"] >= 1 and d["compile_s"] > 0 and 0 <= d["dispatch_s"]
+    assert "compile" in profile.line()
+
+
+# --- merge_checkpoints -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+def test_every_depth_writes_the_same_bytes(tmp_path, dtype):
+    *models, base = write_models(tmp_path / "in", dtype=dtype)
+    outputs = []
+    for depth in (0, 1, 2, 3):
+        out = tmp_path / f"out{depth}"
+        plan = merge_checkpoints(models, out, base=base, method="dare_ties", density=0.4, weights=[1.0, 0.5, -0.3],
+                                 seed=7, max_shard_size=3000, progress=False, depth=depth)
+        assert plan.depth == depth and plan.profile["tensors"] == len(SHAPES) + 1
+        outputs.append(files(out))
+    assert len(outputs[0]) > 2  # sharded: several shards and an index
+    assert all(o == outputs[0] for o in outputs[1:])
+
+
+def test_reused_input_buffers_never_leak_into_another_tensor(tmp_path):
+    """Many tensors of different sizes through reused host buffers, with a cast on read: same bytes at every depth."""
+    shapes = {f"t{i:02d}": ((i % 5 + 1) * 8, (i % 3 + 1) * 4) for i in range(24)}
+    *models, base = write_models(tmp_path / "in", dtype=ml_dtypes.bfloat16, shapes=shapes)
+    outputs = []
+    for depth in (0, 3):
+        out = tmp_path / f"out{depth}"
+        merge_checkpoints(models, out, base=base, method="ties", density=0.3, dtype="float32", out_dtype="bfloat16",
+                          progress=False, depth=depth)
+        outputs.append(files(out))
+    assert outputs[0] == outputs[1]
+
+
+def test_profile_is_returned_and_written(tmp_path, monkeypatch):
+    models = write_models(tmp_path / "in", n=3)
+    monkeypatch.setenv("JAXMERGE_PROFILE", str(tmp_path / "profile.json"))
+    plan = merge_checkpoints(models, tmp_path / "out", method="ties", density=0.5, progress=False)
+    written = json.loads((tmp_path / "profile.json").read_text())
+    for key in ("wall_s", "read_s", "dispatch_s", "wait_s", "write_s", "sync_s", "tensors", "depth"):
+        assert key in plan.profile and written[key] == plan.profile[key]
+    assert plan.profile["depth"] == 2
+
+
+def test_depth_from_the_environment_and_bad_values(tmp_path, monkeypatch):
+    models = write_models(tmp_path / "in", n=2)
+    monkeypatch.setenv("JAXMERGE_PIPELINE_DEPTH", "0")
+    assert merge_checkpoints(models, tmp_path / "a", method="linear", progress=False).depth == 0
+    monkeypatch.setenv("JAXMERGE_PIPELINE_DEPTH", "many")
+    with pytest.raises(CheckpointError, match="JAXMERGE_PIPELINE_DEPTH"):
+        merge_checkpoints(models, tmp_path / "b", method="linear", progress=False)
+    monkeypatch.delenv("JAXMERGE_PIPELINE_DEPTH")
+    with pytest.raises(CheckpointError, match="depth"):
+        merge_checkpoints(models, tmp_path / "c", method="linear", progress=False, depth=-1)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("depth", [0, 2, 3])
+def test_first_bad_tensor_in_plan_order_is_named(tmp_path, depth):
+    """A NaN in an early tensor and differing integers in a later one: the NaN is reported, nothing written."""
+    models = write_models(tmp_path / "in", n=3)
+    tensors = {k: Checkpoint(models[1]).read(k) for k in Checkpoint(models[1]).tensors}
+    first = next(iter(Checkpoint(models[1]).tensors))  # the file's order is the plan's
+    tensors[first] = tensors[first].copy()
+    tensors[first][0, 0] = np.nan
+    tensors["position_ids"] = tensors["position_ids"] + 1
+    save_file(tensors, str(models[1]))
+    assert list(Checkpoint(models[1]).tensors).index("position_ids") > 0
+    with pytest.raises(CheckpointError, match=f"tensor {first} holds NaN"):
+        merge_checkpoints(models, tmp_path / "out", method="ties", density=0.5, progress=False, depth=depth)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(CheckpointError, match="position_ids .* differs"):
+        merge_checkpoints(models, tmp_path / "out", method="ties", density=0.5, progress=False, depth=depth,
+                          allow_nonfinite=True)
+    assert not _threads()
+
+
+def test_read_host_is_aligned_and_equals_the_library(tmp_path):
+    (path,) = write_models(tmp_path, n=1, dtype=ml_dtypes.bfloat16)
+    ckpt = Checkpoint(path)
+    for name in ckpt.tensors:
+        ours, theirs = ckpt.read_host(name), ckpt.read(name)
+        assert ours.ctypes.data % 64 == 0 and ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        np.testing.assert_array_equal(ours.view(np.uint8), theirs.view(np.uint8))
+
+
+def test_input_truncated_after_planning_names_file_and_tensor(tmp_path, monkeypatch):
+    models = write_models(tmp_path / "in", n=2)
+    real = Checkpoint.read_host
+
+    def shrink_then_read(self, name, into=None):
+        if self.path == models[1]:
+            with open(models[1], "r+b") as f:
+                f.truncate(200)
+        return real(self, name, into)
+
+    monkeypatch.setattr(Checkpoint, "read_host", shrink_then_read)
+    with pytest.raises(CheckpointError, match=f"{models[1]}: cannot read tensor"):
+        merge_checkpoints(models, tmp_path / "out", method="linear", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# --- the persistent compilation cache ----------------------------------------------------------
+
+_CACHED_MERGE = textwrap.dedent(
+    """
+    import json, sys
+    from jaxmerge.io.compile_cache import enable_compile_cache
+    where = enable_compile_cache(sys.argv[1])
+    from jaxmerge.io.checkpoints import merge_checkpoints
+    plan = merge_checkpoints(sys.argv[3:], sys.argv[2], method="ties", density=0.5, progress=False, force=True)
+    print(json.dumps({"dir": str(where) if where else None, **plan.profile}))
+    """
+)
+
+
+def _cached_merge(tmp_path, models, cache, **env):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAXMERGE_"))}, **env}
+    result = subprocess.run([sys.executable, "-c", _CACHED_MERGE, str(cache), str(tmp_path / "out"), *map(str, models)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_kernels_from_the_cache(tmp_path):
+    models = write_models(tmp_path / "in", n=3)
+    cache = tmp_path / "cache"
+    first = _cached_merge(tmp_path, models, cache)
+    assert first["dir"] == str(cache) and first["compiles"] > 0 and first.get("compile_cache_hits", 0) == 0
+    entries = list(cache.iterdir())
+    assert entries, "the first run wrote no cache entry"
+    second = _cached_merge(tmp_path, models, cache)
+    assert second.get("compile_cache_hits", 0) >= 1, second
+    assert (cache.stat().st_mode & 0o777) == 0o700
+
+
+def test_cache_off_by_environment(tmp_path):
+    models = write_models(tmp_path / "in", n=2)
+    off = _cached_merge(tmp_path, models, tmp_path / "cache", JAXMERGE_COMPILE_CACHE="0")
+    assert off["dir"] is None and not (tmp_path / "cache").exists() and "compile_cache_hits" not in off
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAXMERGE_COMPILE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "jaxmerge" / "xla"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "jaxmerge" / "xla"
+    monkeypatch.setenv("JAXMERGE_COMPILE_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+
+
+def test_cli_uses_the_compile_cache_by_default(tmp_path):
+    models = write_models(tmp_path / "in", n=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAXMERGE_"))}
+    env["JAXMERGE_COMPILE_CACHE_DIR"] = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "jaxmerge", "merge", *map(str, models), "--method", "ties", "--density", "0.5",
+           "--output", str(tmp_path / "out"), "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "cache").iterdir()), "the command wrote no compiled kernel to the cache"
+    off = subprocess.run([*cmd[:-2], str(tmp_path / "out2"), "--quiet"], capture_output=True, text=True,
+                         env={**env, "JAXMERGE_COMPILE_CACHE_DIR": str(tmp_path / "cache2"), "JAXMERGE_COMPILE_CACHE": "0"}, timeout=300)
+    assert off.returncode == 0, off.stderr
+    assert not (tmp_path / "cache2").exists()
