@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxmerge import merge_params
 from jaxmerge.learn import adamerging, entropy, entropy_loss, merge_with_coefficients, prepare_task_vectors
+from tiny_models import mlp_trees
 
 
 def tanh_mlp(params, x):
@@ -19,15 +20,7 @@ def tanh_mlp(params, x):
 
 def tiny_family(seed=0, n_tasks=2, scale=0.5):
     rng = np.random.default_rng(seed)
-
-    def tree(s):
-        return {
-            "l0": {"w": rng.standard_normal((5, 6)).astype(np.float32) * s, "b": rng.standard_normal(6).astype(np.float32) * s},
-            "l1": {"w": rng.standard_normal((6, 4)).astype(np.float32) * s, "b": rng.standard_normal(4).astype(np.float32) * s},
-        }
-
-    base = tree(1.0)
-    finetuned = [jax.tree_util.tree_map(lambda b, d: b + d, base, tree(scale)) for _ in range(n_tasks)]
+    base, finetuned = mlp_trees(rng, n_tasks, scale)
     x = rng.standard_normal((16, 5)).astype(np.float32)
     return base, finetuned, x
 

@@ -14,22 +14,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import jaxmerge
+from tiny_models import write_safetensors_models
 from jaxmerge.io.checkpoints import merge_checkpoints
 from jaxmerge.methods.pytree import path_key
 from jaxmerge.io.safetensors_io import Checkpoint
 
 
 def write_models(root, n=3, seed=0, shapes=None, dtype=np.float32):
-    rng = np.random.default_rng(seed)
     shapes = shapes or {"embed.weight": (50, 16), "layers.0.w": (16, 16), "layers.0.b": (16,)}
-    paths = []
-    for i in range(n):
-        tensors = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
-        tensors["position_ids"] = np.arange(10, dtype=np.int64)
-        path = root / f"model{i}.safetensors"
-        save_file(tensors, str(path))
-        paths.append(path)
-    return paths
+    return write_safetensors_models(root, n, shapes, seed=seed, dtype=dtype)
 
 
 def read_all(path):

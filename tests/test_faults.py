@@ -365,11 +365,25 @@ def test_sigkill_temporary_is_removed_by_the_next_run_in_the_directory(tmp_path)
         live.wait()
 
 
-def test_sigterm_says_what_was_interrupted_and_exits_143(tmp_path):
+def _merge_with_sigterm(tmp_path, patch: str) -> str:
+    """Run `jaxmerge merge` with `patch` (Python that sends SIGTERM at some point) applied first.
+
+    Asserts exit 143, no output and no temporary left; returns the one stderr line.
+    """
     models = write_models(tmp_path / "in")
     out = tmp_path / "out"
-    script = textwrap.dedent(
-        """
+    script = textwrap.dedent(patch) + "\nfrom jaxmerge.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    args = ["merge", *map(str, models), "--method", "task_arithmetic", "--output", str(out), "--quiet"]
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=120)
+    line = one_line(result)
+    assert result.returncode == 143
+    assert str(out) in line
+    assert not out.exists() and leftovers(tmp_path) == []
+    return line
+
+
+def test_sigterm_says_what_was_interrupted_and_exits_143(tmp_path):
+    line = _merge_with_sigterm(tmp_path, """
         import os, signal, sys
         from jaxmerge.io import safetensors_io
         write = safetensors_io.ShardWriter.write
@@ -377,23 +391,12 @@ def test_sigterm_says_what_was_interrupted_and_exits_143(tmp_path):
             write(self, name, array)
             os.kill(os.getpid(), signal.SIGTERM)  # as `kill <pid>` mid-merge
         safetensors_io.ShardWriter.write = write_then_term
-        from jaxmerge.cli import main
-        sys.exit(main(sys.argv[1:]))
-        """
-    )
-    args = ["merge", *map(str, models), "--method", "task_arithmetic", "--output", str(out), "--quiet"]
-    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=120)
-    line = one_line(result)
-    assert result.returncode == 143
-    assert "SIGTERM" in line and str(out) in line and "nothing was written" in line
-    assert not out.exists() and leftovers(tmp_path) == []
+        """)
+    assert "SIGTERM" in line and "nothing was written" in line
 
 
 def test_sigterm_while_planning_says_nothing_was_written(tmp_path):
-    models = write_models(tmp_path / "in")
-    out = tmp_path / "out"
-    script = textwrap.dedent(
-        """
+    line = _merge_with_sigterm(tmp_path, """
         import os, signal, sys, time
         from jaxmerge.io import recipe_plan
         init = recipe_plan.RecipePlanner.__init__
@@ -402,16 +405,8 @@ def test_sigterm_while_planning_says_nothing_was_written(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)  # as `kill <pid>` while checkpoints are opened
             time.sleep(30)
         recipe_plan.RecipePlanner.__init__ = init_then_term
-        from jaxmerge.cli import main
-        sys.exit(main(sys.argv[1:]))
-        """
-    )
-    args = ["merge", *map(str, models), "--method", "task_arithmetic", "--output", str(out), "--quiet"]
-    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=120)
-    line = one_line(result)
-    assert result.returncode == 143
-    assert "SIGTERM before writing" in line and str(out) in line and "nothing was written" in line
-    assert not out.exists() and leftovers(tmp_path) == []
+        """)
+    assert "SIGTERM before writing" in line and "nothing was written" in line
 
 
 # --- LoRA adapter configs -------------------------------------------------------------------

@@ -17,21 +17,13 @@ from jaxmerge.io._pipeline import PhaseProfile, run_ordered
 from jaxmerge.io.checkpoints import merge_checkpoints
 from jaxmerge.io.compile_cache import default_cache_dir
 from jaxmerge.io.safetensors_io import Checkpoint, CheckpointError
+from tiny_models import write_safetensors_models
 
 SHAPES = {"embed.weight": (50, 16), "layers.0.w": (16, 16), "layers.0.b": (16,), "layers.1.w": (16, 16), "head": (50, 16)}
 
 
 def write_models(root, n=4, dtype=np.float32, shapes=SHAPES, seed=0):
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        tensors = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
-        tensors["position_ids"] = np.arange(10, dtype=np.int64)
-        path = root / f"model{i}.safetensors"
-        save_file(tensors, str(path))
-        paths.append(path)
-    return paths
+    return write_safetensors_models(root, n, shapes, seed=seed, dtype=dtype)
 
 
 def files(directory):

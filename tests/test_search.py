@@ -10,19 +10,12 @@ import jax.numpy as jnp
 
 from jaxmerge import merge_params
 from jaxmerge.learn import search_coefficients
+from tiny_models import mlp_trees
 
 
 def mlp_family(seed=0, n_tasks=3):
     rng = np.random.default_rng(seed)
-
-    def tree(s):
-        return {
-            "l0": {"w": rng.standard_normal((5, 6)).astype(np.float32) * s, "b": rng.standard_normal(6).astype(np.float32) * s},
-            "l1": {"w": rng.standard_normal((6, 4)).astype(np.float32) * s, "b": rng.standard_normal(4).astype(np.float32) * s},
-        }
-
-    base = tree(1.0)
-    finetuned = [jax.tree_util.tree_map(lambda b, d: b + d, base, tree(0.5)) for _ in range(n_tasks)]
+    base, finetuned = mlp_trees(rng, n_tasks)
     x = jnp.asarray(rng.standard_normal((32, 5)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 4, 32))
     return base, finetuned, x, y

@@ -2,7 +2,8 @@
 
 Used by tests/test_mergekit_recipes.py: everything is made on the fly from
 random initialisations (nothing is downloaded); mergekit 0.1.5 runs as a
-subprocess on the same recipes.
+subprocess on the same recipes. `write_safetensors_models` writes bare
+safetensors files for the checkpoint tests.
 """
 
 from __future__ import annotations
@@ -19,6 +20,40 @@ VOCAB = 128
 LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=VOCAB)
 GPT2 = dict(n_embd=32, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2)
+
+
+def write_safetensors_models(root, n: int, shapes: dict, *, seed: int = 0, dtype=np.float32) -> list[Path]:
+    """`n` files `model{i}.safetensors` of random float tensors `shapes` and an int64 `position_ids`."""
+    from safetensors.numpy import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        tensors = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+        tensors["position_ids"] = np.arange(10, dtype=np.int64)
+        path = root / f"model{i}.safetensors"
+        save_file(tensors, str(path))
+        paths.append(path)
+    return paths
+
+
+def mlp_trees(rng: np.random.Generator, n_tasks: int, scale: float = 0.5):
+    """A 5-6-4 MLP's parameters (base) and `n_tasks` fine-tunes: base + scale x N(0, 1) deltas."""
+
+    def tree(s):
+        return {
+            "l0": {"w": rng.standard_normal((5, 6)).astype(np.float32) * s, "b": rng.standard_normal(6).astype(np.float32) * s},
+            "l1": {"w": rng.standard_normal((6, 4)).astype(np.float32) * s, "b": rng.standard_normal(4).astype(np.float32) * s},
+        }
+
+    base = tree(1.0)
+    finetuned = []
+    for _ in range(n_tasks):
+        delta = tree(scale)
+        finetuned.append({k: {n: base[k][n] + delta[k][n] for n in base[k]} for k in base})
+    return base, finetuned
 
 
 def offline_env(**extra) -> dict:

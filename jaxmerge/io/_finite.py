@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge.io.safetensors_io import CheckpointError
 
 
 @jax.jit
@@ -21,3 +26,18 @@ def finite_flags(leaves):
       A bool array of shape (len(leaves),).
     """
     return jnp.isfinite(jnp.stack([jnp.sum(x * 0, dtype=jnp.float32) for x in leaves]))
+
+
+def raise_unless_finite(flags, sources: Sequence[tuple[object, str]]) -> None:
+    """Stop the merge at the first input whose flag is false: one line naming its file and tensor.
+
+    Args:
+      flags: from `finite_flags`.
+      sources: one (file or directory, "tensor NAME" / "leaf PATH") per flag.
+    """
+    flags = np.asarray(flags)
+    if not flags.all():
+        path, what = sources[int(np.argmin(flags))]
+        raise CheckpointError(
+            f"{path}: {what} holds NaN or inf; pass --allow-nonfinite (allow_nonfinite=True) to merge it anyway"
+        )

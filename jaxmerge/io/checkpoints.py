@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxmerge import __version__
 from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
-from jaxmerge.io._finite import finite_flags as _finite
+from jaxmerge.io._finite import finite_flags as _finite, raise_unless_finite
 from jaxmerge.io._pipeline import PhaseProfile, run_ordered
 from jaxmerge.methods._table import MethodError
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
@@ -566,12 +566,7 @@ def _result(pending) -> np.ndarray:
         return value
     merged, flags, sources = value
     if flags is not None:
-        flags = np.asarray(flags)
-        if not flags.all():
-            ckpt, name = sources[int(np.argmin(flags))]
-            raise CheckpointError(
-                f"{ckpt.path}: tensor {name} holds NaN or inf; pass --allow-nonfinite (allow_nonfinite=True) to merge it anyway"
-            )
+        raise_unless_finite(flags, [(ckpt.path, f"tensor {name}") for ckpt, name in sources])
     result = np.asarray(merged)
     if flags is not None and result.dtype == np.float16 and np.isinf(result).any():
         # Finite inputs, infinite result: the weighted merge left float16's range when cast back.

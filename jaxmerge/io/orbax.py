@@ -51,7 +51,7 @@ import numpy as np
 
 from jaxmerge.core.sharding import leaf_sharding
 from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
-from jaxmerge.io._finite import finite_flags
+from jaxmerge.io._finite import finite_flags, raise_unless_finite
 from jaxmerge.io.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
 from jaxmerge.methods._table import MethodError
@@ -518,11 +518,8 @@ def merge_orbax(
             leaves, leaf_spec, bound, base=leaf_base,
             key=path_key(key, leaf.path) if leaf_spec.random else None, mesh=mesh,
         )
-        if flags is not None and not np.asarray(flags).all():
-            src = float_sources[int(np.argmin(np.asarray(flags)))]
-            raise CheckpointError(
-                f"{src.path}: leaf {leaf.path} holds NaN or inf; pass --allow-nonfinite (allow_nonfinite=True) to merge it anyway"
-            )
+        if flags is not None:
+            raise_unless_finite(flags, [(src.path, f"leaf {leaf.path}") for src in float_sources])
         return out
 
     def check_equal(leaf: LeafInfo, leaves: list[Any]) -> Any:

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from jaxmerge.io.orbax import OrbaxPlan, is_orbax_checkpoint, merge_orbax, plan_orbax
-from jaxmerge.io.recipe import Recipe, evaluate_setting, uses_gradients
+from jaxmerge.io.recipe import Recipe, Source, resolve_setting, uses_gradients
 from jaxmerge.io.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
 
@@ -68,8 +68,6 @@ class _OrbaxRecipe:
         else:
             self.base = None
             if base is not None and recipe.path is not None and not any(same(s.model, base) for s in sources):
-                from jaxmerge.io.recipe import Source
-
                 sources.append(Source(model=base, where="base_model"))  # mergekit: one more input
         seen: dict[Path, str] = {}
         for s in sources:
@@ -97,7 +95,7 @@ class _OrbaxRecipe:
         has_base = self.base is not None
         for p in self.method.params:
             if p.scope is table.Scope.SHARED:
-                value = _resolve(p.name, [recipe.parameters], leaf_path)
+                value = resolve_setting(p.name, [recipe.parameters], leaf_path, 0.0)
                 if value is not None:
                     params[p.name] = value
                 continue
@@ -105,7 +103,7 @@ class _OrbaxRecipe:
             if has_base and p.scope is table.Scope.PER_INPUT:
                 slots = [self.base_source] + slots  # the base's slot comes first
             values = [
-                _resolve(p.name, [*([s.parameters] if s is not None else []), recipe.parameters], leaf_path)
+                resolve_setting(p.name, [*([s.parameters] if s is not None else []), recipe.parameters], leaf_path, 0.0)
                 for s in slots
             ]
             if any(v is not None for v in values):
@@ -117,15 +115,6 @@ class _OrbaxRecipe:
             inputs=[s.model for s in self.sources], method=self.recipe.merge_method, base=self.base,
             seed=self.recipe.seed if seed is None else seed, params_for=self.params_for, **self.params_for(""),
         )
-
-
-def _resolve(name: str, scopes: list[dict], leaf_path: str):
-    for scope in scopes:
-        if name in scope:
-            value = evaluate_setting(scope[name], leaf_path, 0.0)
-            if value is not None:
-                return value
-    return None
 
 
 def plan_orbax_recipe(recipe: Recipe, output: str | os.PathLike, *, seed: int | None = None) -> OrbaxPlan:

@@ -435,6 +435,16 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     return None
 
 
+def resolve_setting(name: str, scopes: list[dict], tensor_name: str, t: float) -> Any:
+    """A parameter's value for one tensor: the first scope (most specific first) whose setting applies."""
+    for scope in scopes:
+        if name in scope:
+            value = evaluate_setting(scope[name], tensor_name, t)
+            if value is not None:
+                return value
+    return None
+
+
 def uses_gradients(recipe: Recipe) -> bool:
     """Some parameter is a gradient (needs layer numbering)."""
 

@@ -29,7 +29,7 @@ from jaxmerge.io.model_dir import (
     resolve_model,
     write_model_files,
 )
-from jaxmerge.io.recipe import Recipe, Source, evaluate_setting, uses_gradients
+from jaxmerge.io.recipe import Recipe, Source, resolve_setting, uses_gradients
 from jaxmerge.io.safetensors_io import Checkpoint, CheckpointError
 from jaxmerge.methods import _table as table
 
@@ -217,7 +217,7 @@ class RecipePlanner:
         params = {}
         for p in self.method.params:
             if p.scope is table.Scope.SHARED:
-                value = self._resolve(p.name, [sl.parameters, self.recipe.parameters], out_name, t)
+                value = resolve_setting(p.name, [sl.parameters, self.recipe.parameters], out_name, t)
                 if value is not None:
                     params[p.name] = value
                 continue
@@ -226,20 +226,11 @@ class RecipePlanner:
                 if has_base and position == 0 and p.scope is table.Scope.PER_MODEL:
                     continue  # the base takes no per-model parameters
                 own = [s.parameters for s, m in zip(sl.sources, sl.models) if m == sl.models[i]]
-                values.append(self._resolve(p.name, [*own, sl.parameters, self.recipe.parameters], in_names[i], t))
+                values.append(resolve_setting(p.name, [*own, sl.parameters, self.recipe.parameters], in_names[i], t))
             if any(v is not None for v in values):
                 params[p.name] = values
         sources = tuple((sl.models[i], in_names[i]) for i in order)
         return OutputTensor(out_name, sources, has_base=has_base, params=params)
-
-    @staticmethod
-    def _resolve(name: str, scopes: list[dict], tensor_name: str, t: float):
-        for scope in scopes:
-            if name in scope:
-                value = evaluate_setting(scope[name], tensor_name, t)
-                if value is not None:
-                    return value
-        return None
 
     # -- output files ---------------------------------------------------------------------------
 
