@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from jaxmerge.io._pipeline import PhaseProfile, run_ordered
-from jaxmerge.io.checkpoints import merge_checkpoints
+from jaxmerge.io.checkpoints import machine_depth, merge_checkpoints
 from jaxmerge.io.compile_cache import default_cache_dir
 from jaxmerge.io.safetensors_io import Checkpoint, CheckpointError
 from tiny_models import write_safetensors_models
@@ -146,7 +146,21 @@ def test_profile_is_returned_and_written(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "profile.json").read_text())
     for key in ("wall_s", "read_s", "dispatch_s", "wait_s", "write_s", "sync_s", "tensors", "depth"):
         assert key in plan.profile and written[key] == plan.profile[key]
-    assert plan.profile["depth"] == 2
+    assert plan.profile["depth"] == machine_depth()
+
+
+def test_machine_depth_overlaps_only_with_a_spare_core(monkeypatch):
+    """On XLA:CPU with 2 cores the merge is serial (no gain measured, less memory); with more it overlaps."""
+    import jaxmerge.io.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(checkpoints.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert checkpoints.machine_depth() == 0
+    monkeypatch.setattr(checkpoints.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert checkpoints.machine_depth() == 2
+    monkeypatch.setattr(checkpoints.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(checkpoints.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert checkpoints.machine_depth() == 2
 
 
 def test_depth_from_the_environment_and_bad_values(tmp_path, monkeypatch):
@@ -214,7 +228,7 @@ _CACHED_MERGE = textwrap.dedent(
     import json, sys
     from jaxmerge.io.compile_cache import enable_compile_cache
     where = enable_compile_cache(sys.argv[1])
-    from jaxmerge.io.checkpoints import merge_checkpoints
+    from jaxmerge.io.checkpoints import machine_depth, merge_checkpoints
     plan = merge_checkpoints(sys.argv[3:], sys.argv[2], method="ties", density=0.5, progress=False, force=True)
     print(json.dumps({"dir": str(where) if where else None, **plan.profile}))
     """

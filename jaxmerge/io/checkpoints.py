@@ -5,7 +5,7 @@ Each tensor is read from every input, merged by the core
 written. The three steps overlap (`jaxmerge.io._pipeline`): a reader thread
 reads the next tensors' inputs while JAX computes the current merge
 (dispatched asynchronously) and a writer thread writes the previous result.
-At most `depth` tensors (default 2) are in flight, so peak memory stays near
+At most `depth` tensors (default: `machine_depth()`) are in flight, so peak memory stays near
 depth x (inputs + 2) x the largest tensor whatever the model size. The bytes
 written are those of the serial loop (`depth=0`), tensor for tensor.
 
@@ -64,11 +64,26 @@ DEFAULT_DEPTH = 2
 logger = logging.getLogger(__name__)
 
 
+def machine_depth() -> int:
+    """The pipeline depth that pays on this machine: 0 on a CPU backend with at most 2 cores, else 2.
+
+    Overlap needs a spare core: on XLA:CPU the merge kernels already use every
+    core, and on 2 cores overlapping gained nothing measurable while holding two
+    tensors' inputs more (Llama-shaped 0.64 GB float32 models, ties: 6.5 s and
+    1.32 GB peak RSS serial, 6.9 s and 1.85 GB at depth 2;
+    benchmarks/results/vs_mergekit.md). Accelerators and more cores keep the overlap.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if jax.default_backend() == "cpu" and cores <= 2:
+        return 0
+    return DEFAULT_DEPTH
+
+
 def default_depth() -> int:
-    """Tensors in flight (`merge_checkpoints`' `depth`): $JAXMERGE_PIPELINE_DEPTH, else 2."""
+    """Tensors in flight (`merge_checkpoints`' `depth`): $JAXMERGE_PIPELINE_DEPTH, else `machine_depth()`."""
     text = os.environ.get("JAXMERGE_PIPELINE_DEPTH", "").strip()
     if not text:
-        return DEFAULT_DEPTH
+        return machine_depth()
     try:
         depth = int(text)
     except ValueError:
@@ -354,7 +369,8 @@ def merge_checkpoints(
         writing overlap in three threads, and peak memory is about
         `depth x (inputs + 2) x` the largest tensor (`plan.estimated_peak_bytes`).
         0 merges one tensor after the other in the calling thread. None:
-        $JAXMERGE_PIPELINE_DEPTH, else 2. The output is the same for every depth.
+        $JAXMERGE_PIPELINE_DEPTH, else `machine_depth()` (0 on a 2-core CPU machine,
+        2 elsewhere). The output is the same for every depth.
       **params: the method's parameters (`density=0.2`, ...).
 
     Returns:
