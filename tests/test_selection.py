@@ -60,6 +60,15 @@ def test_many_ties_in_a_large_tensor():
         np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
 
 
+def _bfloat16_deltas(rng, n):
+    """A bfloat16 fine-tune's task vector, taken in float32: a staircase of few values with large ties."""
+    from ml_dtypes import bfloat16
+
+    base = (0.02 * rng.standard_normal(n)).astype(np.float32)
+    tuned = base + 0.01 * rng.standard_normal(n).astype(np.float32)
+    return tuned.astype(bfloat16).astype(np.float32) - base.astype(bfloat16).astype(np.float32)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -70,8 +79,9 @@ def test_many_ties_in_a_large_tensor():
         lambda r, n: r.standard_normal(n) * 1e-30,  # below the fast-count range
         lambda r, n: np.linspace(-1, 1, n),
         lambda r, n: (r.standard_normal((n // 64, 4)) @ r.standard_normal((4, 64))).ravel(),  # LoRA B @ A
+        _bfloat16_deltas,
     ],
-    ids=["normal", "laplace", "student2", "half_zero", "tiny", "ramp", "low_rank"],
+    ids=["normal", "laplace", "student2", "half_zero", "tiny", "ramp", "low_rank", "bf16_deltas"],
 )
 def test_search_on_weight_like_distributions(make):
     x = make(np.random.default_rng(3), 64 * 4096).astype(np.float32)

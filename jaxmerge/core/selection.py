@@ -159,7 +159,7 @@ def _sample_start(rows, n: int, k, layout: _BitLayout):
 
     Returns:
       (bits of the sample's estimate of the k-th largest, estimated number of
-      entries per unit of bit pattern near it).
+      entries per unit of bit pattern near it, the sorted sample's bits).
     """
     per_axis = int(np.sqrt(_SAMPLE_SIZE))
     sample = rows[:: max(1, rows.shape[0] // per_axis), :: max(1, rows.shape[1] // per_axis)].reshape(-1)
@@ -172,7 +172,7 @@ def _sample_start(rows, n: int, k, layout: _BitLayout):
     j_lo, j_hi = jnp.maximum(j - 32, 0), jnp.minimum(j + 32, s - 1)
     span = (sample_bits[j_hi] - sample_bits[j_lo]).astype(jnp.float32)
     density = (j_hi - j_lo).astype(jnp.float32) * np.float32(n / s) / jnp.maximum(span, 1.0)
-    return sample_bits[j], jnp.maximum(density, _MIN_DENSITY)
+    return sample_bits[j], jnp.maximum(density, _MIN_DENSITY), sample_bits
 
 
 def _max_bits(rows, layout: _BitLayout):
@@ -228,6 +228,24 @@ def kth_largest_magnitude_bits(x, k):
     return _search(*_magnitude_rows(x, layout), x.size, k, layout)
 
 
+def _snap_to_sample(t, lo, hi, sample_bits):
+    """Move a probe onto the staircase of discrete data: a sample value, or one past it.
+
+    With discrete data (bfloat16 weights' deltas, quantized models) the count is
+    a staircase and T is likely one of the sample's values: secant steps approach
+    such a step slowly, while probing the sample value v at or above t (count
+    >= v) or u + 1 for the sample value u below t (count > u) lands on its
+    edges. The nearer of the two inside the bracket (lo, hi) is taken, else t.
+    """
+    i = jnp.searchsorted(sample_bits, t)
+    up = sample_bits[jnp.minimum(i, sample_bits.size - 1)]
+    past = sample_bits[jnp.maximum(i - 1, 0)] + 1
+    up_ok = (i < sample_bits.size) & (up > lo) & (up < hi)
+    past_ok = (i > 0) & (past > lo) & (past < hi)
+    up_nearer = (up - t) <= (t - jnp.minimum(past, t))
+    return jnp.where(up_ok & (up_nearer | ~past_ok), up, jnp.where(past_ok, past, t))
+
+
 def _search(rows, max_bits, n: int, k, layout: _BitLayout):
     """`kth_largest_magnitude_bits` on prepared rows (see `_magnitude_rows`)."""
     cdt = count_dtype()
@@ -250,6 +268,7 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
         width = hi - lo
         bisect = (stall >= 3) | (outside >= 2)
         below, above = t <= lo, t >= hi
+        t = jnp.where((stall >= 1) & ~(bisect | below | above), _snap_to_sample(t, lo, hi, sample_bits), t)
         t = jnp.where(bisect, lo + width // 2, jnp.where(below, lo + 1, jnp.where(above, hi - 1, t)))
         outside = jnp.where(bisect | ~(below | above), 0, outside + 1)
         stall = jnp.where(bisect, 0, stall)
@@ -278,7 +297,7 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
             jax.debug.print("probe t={} c-k={} width={}", t, _signed_diff(c, k), width)
         return lo, c_lo, hi, c_hi, next_t, t, c, density, outside, stall
 
-    start, density = _sample_start(rows, n, k, layout)
+    start, density, sample_bits = _sample_start(rows, n, k, layout)
     zero = jnp.zeros((), uint)
     init = (
         zero, jnp.asarray(n, cdt), max_bits + 1, jnp.zeros((), cdt),
