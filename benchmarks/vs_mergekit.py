@@ -62,7 +62,22 @@ SIZES = {
 
 
 def build_models(root: Path, size: str, dtype: str) -> tuple[Path, list[Path]]:
-    """A base and three fine-tunes (base + N(0, 0.01) noise), saved with transformers."""
+    """A base and three fine-tunes (base + N(0, 0.01) noise), saved with transformers.
+
+    Built in a child process: a child's peak RSS (os.wait4) counts the memory
+    its parent held when it forked, so the models must never be held by the
+    process that times the tools.
+    """
+    folder = root / f"{size}-{dtype}"
+    paths = [folder / name for name in ("base", "ft0", "ft1", "ft2")]
+    if not all((p / "config.json").exists() for p in paths):
+        code = f"from pathlib import Path; from benchmarks.vs_mergekit import _build; _build(Path({str(root)!r}), {size!r}, {dtype!r})"
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    return paths[0], paths[1:]
+
+
+def _build(root: Path, size: str, dtype: str) -> tuple[Path, list[Path]]:
+    """`build_models`' work, in the child process."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
