@@ -68,10 +68,11 @@ def machine_depth() -> int:
     """The pipeline depth that pays on this machine: 0 on a CPU backend with at most 2 cores, else 2.
 
     Overlap needs a spare core: on XLA:CPU the merge kernels already use every
-    core, and on 2 cores overlapping gained nothing measurable while holding two
-    tensors' inputs more (Llama-shaped 0.64 GB float32 models, ties: 6.5 s and
-    1.32 GB peak RSS serial, 6.9 s and 1.85 GB at depth 2;
-    benchmarks/results/vs_mergekit.md). Accelerators and more cores keep the overlap.
+    core, and on 2 cores overlapping gained nothing while holding two tensors'
+    inputs more (Llama-shaped 0.64 GB float32 models, ties: the CLI took 6.5 s
+    and 1.32 GB peak RSS serial, 6.9 s and 1.85 GB at depth 2; in a warm process
+    3.4 s serial, 4.2 s at depth 2, benchmarks/results/vs_mergekit.md).
+    Accelerators and more cores keep the overlap.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if jax.default_backend() == "cpu" and cores <= 2:
