@@ -262,7 +262,9 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
     valid = norms > tol
     alphas = jnp.where(valid, 1.0 / n, 0).astype(cd)
     alphas = alphas / _safe(jnp.sum(alphas), ~jnp.any(valid))
-    mean = jnp.sum(alphas[:, None] * units, axis=0)
+    # Sums over the models are unrolled: XLA:CPU's reduction over the leading axis of the stacked
+    # units is ~1300x slower (3 x 4096² float32: 28.7 s against 0.022 s, measured).
+    mean = sum(alphas[i] * units[i] for i in range(n))
     mean_norm = _norm(mean)
     mean = jnp.where(mean_norm < tol, units[jnp.argmax(valid)], mean / _safe(mean_norm, mean_norm == 0))
 
@@ -273,7 +275,7 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
         theta = jnp.arccos(dots)
         skip = (theta < tol) | ~valid
         factor = jnp.where(skip, 0, alphas * theta / _safe(jnp.sin(theta), skip))
-        tangent = jnp.sum(factor[:, None] * (units - dots[:, None] * mean[None, :]), axis=0)
+        tangent = sum(factor[i] * (units[i] - dots[i] * mean) for i in range(n))
         tangent_norm = _norm(tangent)
         done = tangent_norm < tol
         moved = jnp.cos(tangent_norm) * mean + jnp.sin(tangent_norm) * (tangent / _safe(tangent_norm, done))
