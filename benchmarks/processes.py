@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.vs_mergekit import REPO, SIZES, build_models, cache_env, write_recipe
+from benchmarks.vs_mergekit import SIZES, build_models, cache_env, run_group, write_recipe
 
 
 def _free_port() -> int:
@@ -54,21 +53,6 @@ def _free_port() -> int:
 def merge_cmd(recipe: Path, out: Path, shard_size: str, *group: str) -> list[str]:
     return [sys.executable, "-m", "jaxmerge", "merge", str(recipe), "--output", str(out), "--force", "--quiet",
             "--max-shard-size", shard_size, *group]
-
-
-def run_group(cmds: list[list[str]], env: dict) -> tuple[float, list[float]]:
-    """Wall seconds from the first start to the last exit, and each process's peak RSS (GB)."""
-    start = time.perf_counter()
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO) for c in cmds]
-    peaks = []
-    for proc in procs:
-        _, status, usage = os.wait4(proc.pid, 0)
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
-        if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"jaxmerge merge failed: {err[-2000:]}")
-        peaks.append(usage.ru_maxrss / 1e6)  # Linux: kilobytes
-    return time.perf_counter() - start, peaks
 
 
 def same_output(a: Path, b: Path) -> bool:

@@ -119,21 +119,29 @@ def write_recipe(path: Path, method: str, base: Path, models: list[Path], dtype:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_child(cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one child process.
+def run_group(cmds: list[list[str]], env: dict | None = None, cwd: Path = REPO) -> tuple[float, list[float]]:
+    """Start every command at once: seconds from the first start to the last exit, and each one's peak RSS (GB).
 
     `python -m` puts the working directory first on sys.path, ahead of
     PYTHONPATH: a child runs the jaxmerge of `cwd` (this checkout, or --baseline's tree).
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{cmd[0]} failed: {err[-2000:]}")
-    return wall, usage.ru_maxrss / 1e6  # Linux: kilobytes
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd) for c in cmds]
+    peaks = []
+    for cmd, proc in zip(cmds, procs):
+        _, status, usage = os.wait4(proc.pid, 0)
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"{cmd[0]} failed: {err[-2000:]}")
+        peaks.append(usage.ru_maxrss / 1e6)  # Linux: kilobytes
+    return time.perf_counter() - start, peaks
+
+
+def run_child(cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one child process (`run_group` of one)."""
+    wall, peaks = run_group([cmd], env, cwd)
+    return wall, peaks[0]
 
 
 def weight_files(model: Path) -> list[Path]:

@@ -228,7 +228,7 @@ _CACHED_MERGE = textwrap.dedent(
     import json, sys
     from jaxmerge.io.compile_cache import enable_compile_cache
     where = enable_compile_cache(sys.argv[1])
-    from jaxmerge.io.checkpoints import machine_depth, merge_checkpoints
+    from jaxmerge.io.checkpoints import merge_checkpoints
     plan = merge_checkpoints(sys.argv[3:], sys.argv[2], method="ties", density=0.5, progress=False, force=True)
     print(json.dumps({"dir": str(where) if where else None, **plan.profile}))
     """

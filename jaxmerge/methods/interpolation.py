@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.core._dtypes import compute_dtype
+from jaxmerge.core.sign import sum_tasks
 from jaxmerge.methods._table import REQUIRED, BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs
 
 # mergekit's slerp() defaults (not parameters of its merge method).
@@ -264,7 +265,7 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
     alphas = alphas / _safe(jnp.sum(alphas), ~jnp.any(valid))
     # Sums over the models are unrolled: XLA:CPU's reduction over the leading axis of the stacked
     # units is ~1300x slower (3 x 4096² float32: 28.7 s against 0.022 s, measured).
-    mean = sum(alphas[i] * units[i] for i in range(n))
+    mean = sum_tasks([alphas[i] * units[i] for i in range(n)])
     mean_norm = _norm(mean)
     mean = jnp.where(mean_norm < tol, units[jnp.argmax(valid)], mean / _safe(mean_norm, mean_norm == 0))
 
@@ -275,7 +276,7 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
         theta = jnp.arccos(dots)
         skip = (theta < tol) | ~valid
         factor = jnp.where(skip, 0, alphas * theta / _safe(jnp.sin(theta), skip))
-        tangent = sum(factor[i] * (units[i] - dots[i] * mean) for i in range(n))
+        tangent = sum_tasks([factor[i] * (units[i] - dots[i] * mean) for i in range(n)])
         tangent_norm = _norm(tangent)
         done = tangent_norm < tol
         moved = jnp.cos(tangent_norm) * mean + jnp.sin(tangent_norm) * (tangent / _safe(tangent_norm, done))
