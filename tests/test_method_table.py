@@ -78,3 +78,75 @@ def test_bind_fills_defaults_and_checks_counts():
                        min_models=2, max_models=2)
     with pytest.raises(table.MethodError, match=r"method two takes exactly 2 models \(the base included\), got 3"):
         two.check_inputs(3, has_base=True)
+
+
+# --- entry-wise methods: one compiled kernel per tensor size ------------------------------------
+
+# Each rule of the task-vector kernel: both semantics, and mergekit's options off where they default on.
+_SHAPE_VARIANTS = [{}, {"semantics": "mergekit"}, {"semantics": "mergekit", "rescale": False},
+                   {"semantics": "mergekit", "normalize": False}]
+
+
+def _entrywise_cases():
+    """(method, parameters) for every method and parameter set that `Method.merges_entrywise` accepts."""
+    cases = []
+    for method in table.all_methods():
+        for extra in _SHAPE_VARIANTS:
+            try:
+                bound = method.bind(extra, 4, base_index=0)
+            except table.MethodError:
+                continue  # a parameter the method has not, or rescale with PEFT's semantics
+            if method.merges_entrywise(bound):
+                cases.append(pytest.param(method.name, extra, id=f"{method.name}-{extra or 'defaults'}"))
+    return cases
+
+
+@pytest.mark.parametrize("name, extra", _entrywise_cases())
+def test_entrywise_methods_merge_any_reshape_alike(name, extra):
+    """What `Method.entrywise` promises, bit for bit: a matrix and its flat row view (`flat_rows_shape`,
+    what the checkpoint merge uses for every shape of that size) give the same merged entries. Quarter-integer
+    values make many magnitudes tie, so the tie break (lowest flat index first) is exercised too."""
+    import jax
+    import numpy as np
+
+    from jaxmerge.core.selection import flat_rows_shape
+
+    method = table.get(name)
+    has_base = method.base is not table.BasePolicy.IGNORED
+    n_models = 3
+    base_index = 0 if has_base else None
+    params = {"density": 0.3, **extra} if "density" in method.param_names else dict(extra)
+    if "weight" in method.param_names:
+        params["weight"] = [1.0, 0.5, -0.7] if not has_base else [0.9, 0.5, -0.7]
+    bound = method.bind(params, num_inputs=n_models + has_base, base_index=base_index)
+    assert method.merges_entrywise(bound)
+    rng = np.random.default_rng(3)
+    shape = (96, 512)
+    view = flat_rows_shape(96 * 512)
+    assert view == (3, 16384)
+    base = rng.integers(-8, 9, shape) * np.float32(0.25)
+    inputs = ([base] if has_base else []) + [base + rng.integers(-4, 5, shape) * np.float32(0.25) for _ in range(n_models)]
+    key = jax.random.key(5) if method.random else None
+    merged = [
+        np.asarray(table.merge_tensor(method, [jax.numpy.asarray(x.reshape(s)) for x in inputs], base_index, bound,
+                                      key=key)).reshape(-1)
+        for s in (shape, view)
+    ]
+    assert not np.array_equal(merged[0], inputs[-1].reshape(-1))  # the merge did something
+    np.testing.assert_array_equal(merged[1], merged[0])
+
+
+def test_entrywise_is_declared_where_it_holds_and_only_there():
+    assert {p.values[0] for p in _entrywise_cases()} >= {"linear", "ties", "dare_ties", "task_arithmetic"}
+    expected = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                "breadcrumbs", "breadcrumbs_ties"}
+    declared = {m.name for m in table.all_methods() if m.entrywise is not None}
+    assert declared == expected | {"della", "della_linear"}
+    ties = table.get("ties")
+    assert ties.merges_entrywise(ties.bind({"density": 0.2, "semantics": "mergekit"}, 4, base_index=0))
+    dare = table.get("dare_ties")
+    # mergekit's DARE restores each tensor's L1 norm (a float sum in shape order); PEFT's divides by the density.
+    assert not dare.merges_entrywise(dare.bind({"density": 0.2, "semantics": "mergekit"}, 4, base_index=0))
+    assert dare.merges_entrywise(dare.bind({"density": 0.2, "semantics": "peft"}, 4, base_index=0))
+    della = table.get("della")
+    assert not della.merges_entrywise(della.bind({"density": 0.5}, 4, base_index=0))  # ranks within rows

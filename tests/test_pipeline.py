@@ -285,3 +285,35 @@ def test_cli_uses_the_compile_cache_by_default(tmp_path):
                          env={**env, "JAXMERGE_COMPILE_CACHE_DIR": str(tmp_path / "cache2"), "JAXMERGE_COMPILE_CACHE": "0"}, timeout=300)
     assert off.returncode == 0, off.stderr
     assert not (tmp_path / "cache2").exists()
+
+
+def test_tensors_of_one_size_share_a_kernel_and_merge_as_in_their_own_shape(tmp_path):
+    """An entry-wise method merges a matrix and its transposed shape through one compiled kernel
+    (`_merge_views`), with the bytes of merging each in its own shape (`merge_params`)."""
+    import jax
+
+    from jaxmerge import merge_params
+    from jaxmerge.io.safetensors_io import Checkpoint as Ck
+
+    # Sizes no other test uses, so that the in-process kernel cache starts empty for them.
+    shapes = {"up": (72, 336), "down": (336, 72), "norm": (72,)}
+    *models, base = write_models(tmp_path / "in", shapes=shapes)
+    plan = merge_checkpoints(models, tmp_path / "out", base=base, method="ties", density=0.3, weights=[1.0, 0.5, 0.7],
+                             progress=False, depth=0)
+    again = write_models(tmp_path / "in2", shapes={"other": (144, 168)}, seed=1)  # the same size, a third shape
+    *others, other_base = again
+    plan2 = merge_checkpoints(others, tmp_path / "out2", base=other_base, method="ties", density=0.3,
+                              weights=[1.0, 0.5, 0.7], progress=False, depth=0)
+    assert plan.profile["compiles"] > 0
+    assert plan2.profile.get("compiles", 0) == 0  # every kernel of that size was compiled already
+
+    def tree(path):
+        ck = Ck(path)
+        return {name: ck.read(name) for name in shapes}
+
+    expected = merge_params([tree(m) for m in models], [1.0, 0.5, 0.7], method="ties", base=tree(base), density=0.3)
+    merged = Ck(tmp_path / "out" / "model.safetensors")
+    for name, shape in shapes.items():
+        got = merged.read(name)
+        assert got.shape == shape
+        np.testing.assert_array_equal(got, np.asarray(jax.device_get(expected[name])))

@@ -58,6 +58,17 @@ def _row_length(n: int) -> int | None:
     return None
 
 
+def flat_rows_shape(n: int) -> tuple[int, int] | None:
+    """The (rows, row length) view of n flat entries that the selection itself takes, or None.
+
+    Row length: the largest divisor of n in [256, 16384]; None when n has
+    none. Tensors of one size share this view whatever their shape (a matrix
+    and its transpose), so entry-wise merges of them share one compiled kernel.
+    """
+    length = _row_length(n)
+    return None if length is None else (n // length, length)
+
+
 def _as_rows(a: jax.Array) -> jax.Array:
     """View the magnitudes as rows short enough for exact float row sums.
 

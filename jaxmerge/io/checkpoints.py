@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import __version__
+from jaxmerge.core.selection import flat_rows_shape
 from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
 from jaxmerge.io._finite import finite_flags as _finite, raise_unless_finite
 from jaxmerge.io._pipeline import PhaseProfile, run_ordered
@@ -418,6 +420,7 @@ def merge_checkpoints(
         items = [item for item in items if owners[item[0]] == processes.index]
     writers: dict[int, ShardWriter] = {}
     arenas = _Arenas(max(1, plan.depth), max((_arena_bytes(e, checkpoints) for e in plan.layout), default=0))
+    views = _merge_views(plan, mesh)
 
     # The plan knows the output's size: a disk without room for it fails before anything is written.
     def finalize(tmp: Path) -> None:
@@ -439,7 +442,8 @@ def merge_checkpoints(
         def read(item):
             with profile.phase("read"):
                 arena = arenas.take()
-                return arena, _read_sources(entries[item[2].name], item[2], checkpoints, arena)
+                info = item[2]
+                return arena, _read_sources(entries[info.name], info, checkpoints, arena, views.get(info.name))
 
         def dispatch(item, read_result):
             arena, leaves = read_result
@@ -456,7 +460,7 @@ def merge_checkpoints(
             with profile.phase("wait"):
                 array = _result(pending)
             with profile.phase("write"):
-                writers[shard].write(info.name, array)
+                writers[shard].write(info.name, array.reshape(info.shape))
                 # The merge is computed and written: nothing reads this tensor's inputs any more.
                 del array, pending
                 arenas.give_back(arena)
@@ -533,11 +537,33 @@ def _arena_bytes(entry: OutputTensor, checkpoints) -> int:
     return sum(_aligned(checkpoints[i].tensors[name].nbytes) for i, name in entry.sources)
 
 
-def _read_sources(entry: OutputTensor, info: TensorInfo, checkpoints, arena: np.ndarray | None = None) -> tuple[str, Any]:
+def _merge_views(plan: MergePlan, mesh) -> dict[str, tuple[int, int]]:
+    """Output tensor -> the shape its inputs are merged in, where it may differ from theirs.
+
+    An entry-wise merge (`Method.merges_entrywise`) gives the same values for any
+    reshape of its tensors, so every tensor of one size is merged in one 2-D view
+    (`selection.flat_rows_shape`): a matrix and its transpose (a Llama's up and
+    down projections) share one compiled kernel instead of two. Not with a mesh:
+    the tensors are sharded along their own axes.
+    """
+    if mesh is not None:
+        return {}
+    views = {}
+    for info in plan.tensors:
+        spec, bound = plan.bound.get(info.name, (None, None))
+        view = flat_rows_shape(math.prod(info.shape)) if info.shape else None
+        if spec is not None and view is not None and view != tuple(info.shape) and spec.merges_entrywise(bound):
+            views[info.name] = view
+    return views
+
+
+def _read_sources(entry: OutputTensor, info: TensorInfo, checkpoints, arena: np.ndarray | None = None,
+                  view: tuple[int, ...] | None = None) -> tuple[str, Any]:
     """Read one output tensor's inputs (the reader thread): ("int", array) or ("float", JAX arrays).
 
     With `arena` (ALIGN-aligned uint8, `_arena_bytes(entry)` long) the inputs are read into it,
-    one after the other; the results are views of it.
+    one after the other; the results are views of it. With `view` the float inputs are
+    reshaped to it (free: the bytes stay where they are; see `_merge_views`).
     """
     sources = [(checkpoints[i], name) for i, name in entry.sources]
     leaves, offset = [], 0
@@ -551,6 +577,8 @@ def _read_sources(entry: OutputTensor, info: TensorInfo, checkpoints, arena: np.
         if any(not np.array_equal(leaves[0], leaf) for leaf in leaves):
             raise CheckpointError(f"tensor {info.name} ({info.dtype}) differs across inputs and cannot be merged")
         return "int", leaves[0]
+    if view is not None:
+        leaves = [x.reshape(view) for x in leaves]
     # The aligned host buffers become JAX arrays without a copy (no NumPy or JAX copy on the way).
     return "float", [jax.device_put(x, may_alias=True) for x in leaves]
 
@@ -592,9 +620,3 @@ def _result(pending) -> np.ndarray:
             "(a recipe's out_dtype: float32) or pass --allow-nonfinite (allow_nonfinite=True) to keep inf"
         )
     return result
-
-
-def _merge_tensor(entry: OutputTensor, info: TensorInfo, checkpoints, plan: MergePlan, key, mesh, allow_nonfinite) -> np.ndarray:
-    """One tensor, read, merged and returned in the calling thread (what each step of the pipeline does)."""
-    read = _read_sources(entry, info, checkpoints)
-    return _result(_dispatch_merge(entry, info, read, checkpoints, plan, key, mesh, allow_nonfinite))

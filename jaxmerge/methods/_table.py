@@ -155,6 +155,14 @@ class Method:
       check: optional `check(bound_params, num_inputs) -> None` for constraints between parameters.
       task_vectors: without a base, the inputs are taken as task vectors (the
         result is their merge, not base + merge): merge_params and LoRA factors.
+      entrywise: optional `entrywise(bound_params) -> bool`, true when with these
+        parameters every output entry comes from the inputs' entries at the same
+        flat (row-major) position and from per-tensor values that do not depend
+        on the shape (counts, random bits in flat order): merging any reshape of
+        the tensors then gives the same values. The checkpoint merge uses it to
+        merge every tensor of one size through one compiled kernel
+        (`merges_entrywise`). None: shape matters (SVDs, per-row statistics,
+        float sums whose order follows the shape).
     """
 
     name: str
@@ -168,6 +176,11 @@ class Method:
     summary: str = ""
     check: Callable[[dict, int], None] | None = field(default=None, compare=False)
     task_vectors: bool = False
+    entrywise: Callable[[Mapping[str, Any]], bool] | None = field(default=None, compare=False)
+
+    def merges_entrywise(self, bound: Mapping[str, Any]) -> bool:
+        """The merge with these bound parameters may be given any reshape of the tensors (see `entrywise`)."""
+        return self.entrywise is not None and bool(self.entrywise(bound))
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -175,6 +175,24 @@ def _check_semantics(name):
     return check
 
 
+def _entrywise(recipe: TaskVectorRecipe):
+    """`Method.entrywise` of a task-vector method: every rule but DELLA's per-row ranks and the L1 rescale.
+
+    Magnitude and band selection count entries in flat order (exact), DARE's
+    bits follow the flat order, the vote and the divisions are per entry; the L1
+    rescale sums each tensor in floats, in an order that follows its shape.
+    """
+
+    def entrywise(bound) -> bool:
+        if recipe.sparsify == "della":
+            return False
+        rule = recipe.rule(semantics=bound.get("semantics", "mergekit"), normalize=bound.get("normalize"),
+                           rescale=bound.get("rescale"))
+        return rule.rescale != "l1"
+
+    return entrywise
+
+
 def _task_method(name, sparsify, consensus, default_normalize, default_rescale, paper, summary, *, peft=True, extra=()):
     params = [WEIGHT]
     if sparsify:
@@ -184,9 +202,10 @@ def _task_method(name, sparsify, consensus, default_normalize, default_rescale, 
         params.append(SIGN)
     if peft:
         params.append(SEMANTICS_PARAM)
+    recipe = TaskVectorRecipe(sparsify, bool(consensus), default_normalize, default_rescale)
     return Method(
         name=name,
-        merge=_task_vector_merge(TaskVectorRecipe(sparsify, bool(consensus), default_normalize, default_rescale)),
+        merge=_task_vector_merge(recipe),
         params=tuple(params),
         base=BasePolicy.REQUIRED,
         random=sparsify in ("random", "della"),
@@ -195,6 +214,7 @@ def _task_method(name, sparsify, consensus, default_normalize, default_rescale, 
         summary=summary,
         check=_check_semantics(name),
         task_vectors=True,
+        entrywise=_entrywise(recipe),
     )
 
 
@@ -239,6 +259,7 @@ METHODS = (
         paper="Wortsman et al., 2022, Model soups, arXiv:2203.05482",
         summary="weighted average of the models",
         check=_check_linear,
+        entrywise=lambda bound: True,
     ),
     _task_method("task_arithmetic", None, None, False, False,
                  "Ilharco et al., 2023, Editing Models with Task Arithmetic, arXiv:2212.04089",
