@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmerge
+from benchmarks.vs_mergekit import cpu_name
 from jaxmerge.core import merging
 
 FUNCTIONS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "task_arithmetic"]
@@ -213,7 +214,7 @@ def base_machine() -> dict:
     return {
         "date": date.today().isoformat(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),

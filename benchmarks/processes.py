@@ -31,7 +31,6 @@ import argparse
 import filecmp
 import json
 import os
-import platform
 import shutil
 import socket
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.vs_mergekit import SIZES, build_models, cache_env, run_group, write_recipe
+from benchmarks.vs_mergekit import SIZES, build_models, cache_env, machine_line, run_group, write_recipe
 
 
 def _free_port() -> int:
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
     shutil.rmtree(cache, ignore_errors=True)
     med = {k: float(np.median(v)) for k, v in walls.items()}
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU only",
+        "date": time.strftime("%Y-%m-%d"), "machine": machine_line(),
         "size": args.size, "dtype": args.dtype, "method": args.method, "rounds": args.rounds,
         "max_shard_size": args.max_shard_size, "shards": len(list(one_out.glob("*.safetensors"))),
         "walls_s": walls, "peaks_gb": peaks, "medians_s": med, "two_over_one": med["two"] / med["one"],

@@ -144,6 +144,23 @@ def run_child(cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> tupl
     return wall, peaks[0]
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (virtual machines of one kind differ in it), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def machine_line() -> str:
+    """What the results tables say about the machine: CPU model, architecture, usable cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_name()}, {platform.machine()}, {cores} cores, CPU only"
+
+
 def weight_files(model: Path) -> list[Path]:
     return sorted(model.glob("*.safetensors"))
 
@@ -379,7 +396,7 @@ def main(argv=None) -> int:
     ]
     out = Path(args.output or Path(__file__).parent / "results" / "vs_mergekit.json")
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU only",
+        "date": time.strftime("%Y-%m-%d"), "machine": machine_line(),
         "rounds": args.rounds, "reps": args.reps, "baseline": str(baseline) if baseline else None, "rows": rows,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
