@@ -1,5 +1,3 @@
-import sys
+from jaxmerge.cli import run
 
-from jaxmerge.cli import main
-
-sys.exit(main())
+run()

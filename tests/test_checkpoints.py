@@ -183,3 +183,17 @@ def test_killed_merge_leaves_no_partial_output(tmp_path):
     models = sorted(tmp_path.glob("model*.safetensors"))
     assert cli(*models, "--method", "task_arithmetic", "--output", tmp_path / "out", "--quiet").returncode == 0
     assert not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("argv, code", [(["methods", "ties"], 0), (["methods", "average"], 2)])
+def test_the_command_flushes_runs_exit_handlers_and_keeps_its_exit_code(argv, code):
+    """`jaxmerge` exits without interpreter teardown (`cli.run`): its output, exit handlers and code survive."""
+    script = ("import atexit, sys\natexit.register(lambda: print('exit handler ran'))\n"
+              f"sys.argv = ['jaxmerge', *{argv!r}]\nfrom jaxmerge.cli import run\nrun()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == code, out.stderr
+    assert out.stdout.endswith("exit handler ran\n")
+    if code == 0:
+        assert out.stdout.startswith("ties: ") and "density" in out.stdout  # block-buffered stdout, flushed
+    else:
+        assert "unknown merge method 'average'" in out.stderr

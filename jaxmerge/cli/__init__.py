@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import re
 import sys
 
@@ -357,5 +359,26 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
+def run() -> None:
+    """The `jaxmerge` command: `main()`, then the exit handlers, then exit without interpreter teardown.
+
+    Python's teardown after a merge (freeing every module, JAX's compiled kernels
+    and XLA's and LLVM's static state) took 0.6-0.7 s on a 2-core VM, about 6% of a
+    0.64 GB model's merge; by then the command has closed, fsynced and renamed
+    everything it writes. The registered exit handlers (logging, JAX's clean-up,
+    `jax.distributed`'s shutdown) still run: 0.13-0.16 s. Errors, including
+    argparse's SystemExit, leave the ordinary way. `main()` itself returns, for
+    callers in the same process.
+    """
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe: nothing more can be said on it
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
