@@ -282,6 +282,56 @@ def check_free_space(target: Path, expected_bytes: int) -> None:
         )
 
 
+def checked_target(target: str | os.PathLike, force: bool) -> Path:
+    """`target` made absolute; FileExistsError when it exists and `force` is False."""
+    target = Path(target).absolute()
+    if os.path.lexists(target) and not force:
+        raise FileExistsError(f"{target} exists; pass --force (force=True) to replace it")
+    return target
+
+
+def make_temporary(target: Path, tmp: Path, expected_bytes: int | None = None) -> None:
+    """Create `tmp` beside `target` (and `target`'s directory), after removing stale temporaries.
+
+    Raises:
+      CheckpointError: one line naming `target` and the cause (no room for
+        `expected_bytes`, a read-only or full file system, no permission).
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(
+            f"{target}: cannot create the output's directory {target.parent}: {err.strerror or err}"
+        ) from None
+    remove_stale_temporaries(target)
+    if expected_bytes is not None:
+        check_free_space(target, expected_bytes)
+    try:
+        tmp.mkdir()
+    except OSError as err:
+        raise _write_error(target, err) from None
+
+
+def move_into_place(tmp: Path, target: Path, force: bool) -> None:
+    """Rename the complete `tmp` to `target` (replacing it with `force`); on failure `tmp` is removed.
+
+    Raises:
+      FileExistsError: `target` appeared meanwhile and `force` is False.
+      CheckpointError: the file system refused (one line naming `target`).
+    """
+    try:
+        (_replace if force else _place)(tmp, target)
+    except FileExistsError:
+        _remove(tmp)
+        raise FileExistsError(
+            f"{target} was created by another process while this merge ran; nothing was written "
+            "(pass --force to replace it)"
+        ) from None
+    except OSError as err:
+        _remove(tmp)
+        raise _write_error(target, err) from None
+
+
 @contextlib.contextmanager
 def atomic_directory(
     target: str | os.PathLike, *, force: bool = False, expected_bytes: int | None = None
@@ -301,24 +351,10 @@ def atomic_directory(
         one line naming `target` and the cause; the temporary is removed.
       SystemExit(143): SIGTERM arrived (one line on stderr says so).
     """
-    target = Path(target).absolute()
-    if os.path.lexists(target) and not force:
-        raise FileExistsError(f"{target} exists; pass --force (force=True) to replace it")
+    target = checked_target(target, force)
     with _sigterm_recorded():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise CheckpointError(
-                f"{target}: cannot create the output's directory {target.parent}: {err.strerror or err}"
-            ) from None
-        remove_stale_temporaries(target)
-        if expected_bytes is not None:
-            check_free_space(target, expected_bytes)
         tmp = temporary_name(target)
-        try:
-            tmp.mkdir()
-        except OSError as err:
-            raise _write_error(target, err) from None
+        make_temporary(target, tmp, expected_bytes)
         try:
             yield tmp
             stop_if_terminated()
@@ -330,17 +366,7 @@ def atomic_directory(
             if isinstance(err, OSError):
                 raise _write_error(target, err) from None
             raise
-        try:
-            (_replace if force else _place)(tmp, target)
-        except FileExistsError:
-            _remove(tmp)
-            raise FileExistsError(
-                f"{target} was created by another process while this merge ran; nothing was written "
-                "(pass --force to replace it)"
-            ) from None
-        except OSError as err:
-            _remove(tmp)
-            raise _write_error(target, err) from None
+        move_into_place(tmp, target, force)
         _completed.add(target)
         if _terminate.is_set():
             _say(f"SIGTERM arrived after {target} was complete; the output is kept")

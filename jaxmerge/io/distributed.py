@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmerge.io._atomic import _HOST, _TMP_TAG, _place, _remove, _replace, _write_error, remove_stale_temporaries
+from jaxmerge.io._atomic import _HOST, _TMP_TAG, _remove, _write_error, checked_target, make_temporary, move_into_place
 from jaxmerge.io.safetensors_io import CheckpointError
 
 
@@ -127,18 +127,14 @@ def shared_atomic_directory(
       CheckpointError: the temporary could not be made, or another process
         failed (this process's own error is re-raised as it was).
     """
-    target = Path(target).absolute()
-    if os.path.lexists(target) and not force:
-        raise FileExistsError(f"{target} exists; pass --force (force=True) to replace it")
+    target = checked_target(target, force)
     tmp = _shared_name(target, processes)
     made = None
     if processes.index == 0:
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(target)
-            tmp.mkdir()
-        except OSError as err:
-            made = _write_error(target, err)
+            make_temporary(target, tmp)
+        except CheckpointError as err:
+            made = err
     if not processes.all_true(made is None):
         raise made or CheckpointError(f"{target}: process 0 could not create the temporary output {tmp}")
     error: BaseException | None = None
@@ -159,10 +155,14 @@ def shared_atomic_directory(
         try:
             if finalize is not None:
                 finalize(tmp)
-            (_replace if force else _place)(tmp, target)
-        except BaseException as err:  # noqa: BLE001
+        except BaseException as err:  # noqa: BLE001 - every process must reach the vote below
             _remove(tmp)
             error = err
+        else:
+            try:
+                move_into_place(tmp, target, force)  # removes tmp itself on failure
+            except BaseException as err:  # noqa: BLE001
+                error = err
     if not processes.all_true(error is None):
         if error is not None:
             raise error
