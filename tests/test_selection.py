@@ -90,6 +90,22 @@ def test_search_on_weight_like_distributions(make):
         np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
 
 
+@pytest.mark.parametrize("make, discrete", [
+    (lambda r, n: r.standard_normal(n), False),
+    (lambda r, n: (r.standard_normal((n // 64, 4)) @ r.standard_normal((4, 64))).ravel(), False),
+    (_bfloat16_deltas, True),
+    (lambda r, n: np.round(r.standard_normal(n) * 8) / 8, True),  # quantized weights
+], ids=["normal", "low_rank", "bf16_deltas", "quantized"])
+def test_the_search_snaps_to_sample_values_only_on_discrete_data(make, discrete):
+    """Snapping probes to sample values lands on the steps of discrete data; on continuous data it
+    would throw away secant steps, so the sample decides (`_sample_start`'s last result)."""
+    x = jnp.asarray(make(np.random.default_rng(5), 64 * 4096).astype(np.float32))
+    layout = selection._BitLayout(jnp.float32)
+    rows, _ = selection._magnitude_rows(x, layout)
+    k = jnp.asarray(int(0.2 * x.size), count_dtype())
+    assert bool(selection._sample_start(rows, x.size, k, layout)[3]) is discrete
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     x=hnp.arrays(

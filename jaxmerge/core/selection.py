@@ -170,7 +170,10 @@ def _sample_start(rows, n: int, k, layout: _BitLayout):
 
     Returns:
       (bits of the sample's estimate of the k-th largest, estimated number of
-      entries per unit of bit pattern near it, the sorted sample's bits).
+      entries per unit of bit pattern near it, the sorted sample's bits, whether
+      the data looks discrete: equal values among the sample's 64 nearest to the
+      estimate, as bfloat16 deltas or quantized weights have and continuous
+      float32 deltas do not).
     """
     per_axis = int(np.sqrt(_SAMPLE_SIZE))
     sample = rows[:: max(1, rows.shape[0] // per_axis), :: max(1, rows.shape[1] // per_axis)].reshape(-1)
@@ -183,7 +186,10 @@ def _sample_start(rows, n: int, k, layout: _BitLayout):
     j_lo, j_hi = jnp.maximum(j - 32, 0), jnp.minimum(j + 32, s - 1)
     span = (sample_bits[j_hi] - sample_bits[j_lo]).astype(jnp.float32)
     density = (j_hi - j_lo).astype(jnp.float32) * np.float32(n / s) / jnp.maximum(span, 1.0)
-    return sample_bits[j], jnp.maximum(density, _MIN_DENSITY), sample_bits
+    width = min(65, s)
+    window = lax.dynamic_slice(sample_bits, (jnp.clip(j_lo, 0, s - width),), (width,))
+    discrete = jnp.any(window[1:] == window[:-1])
+    return sample_bits[j], jnp.maximum(density, _MIN_DENSITY), sample_bits, discrete
 
 
 def _max_bits(rows, layout: _BitLayout):
@@ -279,7 +285,10 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
         width = hi - lo
         bisect = (stall >= 3) | (outside >= 2)
         below, above = t <= lo, t >= hi
-        t = jnp.where((stall >= 1) & ~(bisect | below | above), _snap_to_sample(t, lo, hi, sample_bits), t)
+        # Snapping lands on the steps of discrete data; on continuous data it only throws away a
+        # secant step (float32 Llama deltas: 14-20 probes for 3 tasks without it, 16-22 with it).
+        snap = discrete & (stall >= 1) & ~(bisect | below | above)
+        t = jnp.where(snap, _snap_to_sample(t, lo, hi, sample_bits), t)
         t = jnp.where(bisect, lo + width // 2, jnp.where(below, lo + 1, jnp.where(above, hi - 1, t)))
         outside = jnp.where(bisect | ~(below | above), 0, outside + 1)
         stall = jnp.where(bisect, 0, stall)
@@ -308,7 +317,7 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
             jax.debug.print("probe t={} c-k={} width={}", t, _signed_diff(c, k), width)
         return lo, c_lo, hi, c_hi, next_t, t, c, density, outside, stall
 
-    start, density, sample_bits = _sample_start(rows, n, k, layout)
+    start, density, sample_bits, discrete = _sample_start(rows, n, k, layout)
     zero = jnp.zeros((), uint)
     init = (
         zero, jnp.asarray(n, cdt), max_bits + 1, jnp.zeros((), cdt),
