@@ -141,7 +141,7 @@ def test_entrywise_is_declared_where_it_holds_and_only_there():
     expected = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
                 "breadcrumbs", "breadcrumbs_ties"}
     declared = {m.name for m in table.all_methods() if m.entrywise is not None}
-    assert declared == expected | {"della", "della_linear"}
+    assert declared == expected
     ties = table.get("ties")
     assert ties.merges_entrywise(ties.bind({"density": 0.2, "semantics": "mergekit"}, 4, base_index=0))
     dare = table.get("dare_ties")

@@ -293,7 +293,6 @@ def test_tensors_of_one_size_share_a_kernel_and_merge_as_in_their_own_shape(tmp_
     import jax
 
     from jaxmerge import merge_params
-    from jaxmerge.io.safetensors_io import Checkpoint as Ck
 
     # Sizes no other test uses, so that the in-process kernel cache starts empty for them.
     shapes = {"up": (72, 336), "down": (336, 72), "norm": (72,)}
@@ -308,11 +307,11 @@ def test_tensors_of_one_size_share_a_kernel_and_merge_as_in_their_own_shape(tmp_
     assert plan2.profile.get("compiles", 0) == 0  # every kernel of that size was compiled already
 
     def tree(path):
-        ck = Ck(path)
+        ck = Checkpoint(path)
         return {name: ck.read(name) for name in shapes}
 
     expected = merge_params([tree(m) for m in models], [1.0, 0.5, 0.7], method="ties", base=tree(base), density=0.3)
-    merged = Ck(tmp_path / "out" / "model.safetensors")
+    merged = Checkpoint(tmp_path / "out" / "model.safetensors")
     for name, shape in shapes.items():
         got = merged.read(name)
         assert got.shape == shape

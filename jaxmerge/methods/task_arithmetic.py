@@ -176,16 +176,17 @@ def _check_semantics(name):
 
 
 def _entrywise(recipe: TaskVectorRecipe):
-    """`Method.entrywise` of a task-vector method: every rule but DELLA's per-row ranks and the L1 rescale.
+    """`Method.entrywise` of a task-vector method: None for DELLA (it ranks within rows), else every rule
+    but the L1 rescale.
 
     Magnitude and band selection count entries in flat order (exact), DARE's
     bits follow the flat order, the vote and the divisions are per entry; the L1
     rescale sums each tensor in floats, in an order that follows its shape.
     """
+    if recipe.sparsify == "della":
+        return None
 
     def entrywise(bound) -> bool:
-        if recipe.sparsify == "della":
-            return False
         rule = recipe.rule(semantics=bound.get("semantics", "mergekit"), normalize=bound.get("normalize"),
                            rescale=bound.get("rescale"))
         return rule.rescale != "l1"
