@@ -139,3 +139,19 @@ def test_traced_weights_with_a_method_that_needs_concrete_ones_name_it():
     base, trees = _grad_trees()
     with pytest.raises(TypeError, match="method multislerp needs concrete weights"):
         jax.jit(lambda w: merge_params(trees, w, method="multislerp", base=base))(jnp.ones(3))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties"])
+def test_a_mesh_from_jax_make_mesh_with_explicit_axes_merges_as_unsharded(method):
+    """`jax.make_mesh` gives explicit axes (JAX 0.10), on which the selection's sort was refused
+    (ShardingTypeError): the leaves are placed on the same mesh with auto axes instead."""
+    from jax.sharding import AxisType
+
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Explicit,))
+    rng = np.random.default_rng(3)
+    trees = [{"w": jnp.asarray(rng.standard_normal((48, 40)), jnp.float32)} for _ in range(3)]
+    key = jax.random.key(5)
+    got = merge_params(trees, method=method, density=0.4, key=key, mesh=mesh)["w"]
+    expected = merge_params(trees, method=method, density=0.4, key=key)["w"]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert got.sharding.mesh.axis_names == ("x",) and got.sharding.mesh.axis_types == (AxisType.Auto,)

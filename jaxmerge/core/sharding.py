@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
@@ -31,8 +31,26 @@ def make_mesh(num_devices: int | None = None, axis_name: str = "devices") -> Mes
     return Mesh(np.array(devices), (axis_name,))
 
 
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with every axis `AxisType.Auto`, the partitioning jaxmerge's kernels are written for.
+
+    `jax.make_mesh` gives explicit axes by default (JAX 0.10): sharding then
+    becomes part of every type, and operations without a sharding rule for
+    their operands (a sort along a sharded axis in the selection's sample)
+    are refused. On auto axes XLA partitions the same kernels itself. Same
+    devices, same axis names and sizes.
+    """
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def leaf_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-    """Shard a tensor's first axis that divides evenly over the mesh's first axis; else replicate."""
+    """Shard a tensor's first axis that divides evenly over the mesh's first axis; else replicate.
+
+    The sharding is on `auto_axes(mesh)`.
+    """
+    mesh = auto_axes(mesh)
     axis = mesh.axis_names[0]
     size = mesh.shape[axis]
     for dim, length in enumerate(shape):
