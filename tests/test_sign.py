@@ -60,7 +60,14 @@ def test_unknown_sign_method_and_mask_shape():
 def test_property_sign_mask_and_disjoint_merge(x, method):
     ours = np.asarray(jm.calculate_majority_sign_mask(x, method))
     theirs = peft.calculate_majority_sign_mask(torch.from_numpy(x), method).numpy()
-    np.testing.assert_array_equal(ours, theirs)
+    # With "total" the sign of a float32 sum that cancels to within rounding depends on the order
+    # of the additions (torch's vectorised order vs left to right; e.g. 0, 1, a, -1, -a sums to 0
+    # in torch and to -1.2e-7 left to right): compare where every order gives the exact sum's sign.
+    decided = np.ones(x.shape[1:], bool)
+    if method == "total":
+        exact = x.astype(np.float64).sum(axis=0)
+        decided = np.abs(exact) > x.shape[0] * np.finfo(np.float32).eps * np.abs(x).astype(np.float64).sum(axis=0)
+    np.testing.assert_array_equal(ours[:, decided], theirs[:, decided])
     # torch vectorises the sum over a contiguous task axis (shape (5, 1)), so its
     # order differs from the left-to-right one; the summands share a sign (only
     # agreeing values are summed), so that costs at most an ulp per task.
