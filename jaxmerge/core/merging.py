@@ -17,7 +17,6 @@ Key derivation for DARE: task i is pruned with
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from jaxmerge.core import _validation as v
 from jaxmerge.core._dtypes import compute_dtype, count_dtype
+from jaxmerge.core._kernels import kernel
 from jaxmerge.core.pruning import della_drop, drop_and_rescale, keep_magnitude_band, rescale_l1
 from jaxmerge.core.selection import density_to_k, keep_top_k_magnitude
 from jaxmerge.core.sign import elect_and_merge, sum_tasks
@@ -63,7 +63,7 @@ class Rule:
 PEFT_TIES = Rule(sparsify="magnitude", consensus="total", vote="pruned", divide="count")
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "partitioned"))
+@kernel(static_argnames=("rule", "partitioned"))
 def _merge_kernel(tasks, weights, density, k, k_top, epsilon, lam, key, base=None, *, rule: Rule, partitioned=False):
     """The one merge kernel: sparsify each task, weight, then a sum or TIES' disjoint merge.
 

@@ -8,7 +8,6 @@ Semantics follow `peft.utils.merge_utils` (PEFT 0.21).
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import jax
@@ -17,9 +16,8 @@ from jax import lax
 
 from jaxmerge.core import _validation as v
 from jaxmerge.core._dtypes import compute_dtype, uint_like
-
+from jaxmerge.core._kernels import kernel
 from jaxmerge.core.selection import density_to_k, keep_top_k_magnitude, masked, top_k_magnitude_mask
-
 
 _MASK_LEVELS = 1 << 16
 
@@ -122,12 +120,12 @@ def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
     return kept.reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("partitioned",))
+@kernel(static_argnames=("partitioned",))
 def _magnitude_kernel(x, k, partitioned=False):
     return keep_top_k_magnitude(x, k, partitioned)
 
 
-@functools.partial(jax.jit, static_argnames=("rescale",))
+@kernel(static_argnames=("rescale",))
 def _random_kernel(x, density, key, rescale):
     return drop_and_rescale(x, density, key, rescale)
 

@@ -39,6 +39,7 @@ import numpy as np
 from jax import lax
 
 from jaxmerge.core._dtypes import compute_dtype, count_dtype, max_count, uint_like
+from jaxmerge.core._kernels import kernel
 
 _SAMPLE_SIZE = 16384
 _DEBUG_ITERATIONS = False  # print every probe of the search (jax.debug.print)
@@ -412,7 +413,7 @@ def _flat_index(shape) -> jax.Array:
 # Jitted on its own so that a kernel selecting in several same-shaped tasks traces and lowers it
 # once (XLA inlines it back into the kernel): TIES on the six shapes of a Llama traces and lowers
 # in 0.6 s instead of 1.1 s and compiles in 3.8 s instead of 4.1 s on 2 cores.
-@functools.partial(jax.jit, static_argnames="partitioned")
+@kernel(static_argnames="partitioned")
 def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Array:
     """Boolean mask with exactly `k` True entries: those of largest |x|.
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxmerge.core import _validation as v
 from jaxmerge.core._dtypes import compute_dtype
+from jaxmerge.core._kernels import kernel
 from jaxmerge.core.selection import masked
 
 
@@ -74,7 +75,7 @@ def elect_and_merge(voters, values, divisors, method: str) -> jax.Array:
     return disjoint_mean(values, agrees, divisors)
 
 
-@jax.jit
+@kernel
 def _disjoint_merge_kernel(tasks, mask):
     cd = compute_dtype(tasks.dtype)
     values = [t.astype(cd) for t in v.unstack(tasks)]
@@ -89,7 +90,7 @@ def _majority_sign_mask_kernel(tasks, method):
     return jnp.stack([jnp.sign(t) == sign for t in values])
 
 
-_majority_sign_mask_jit = jax.jit(_majority_sign_mask_kernel, static_argnames=("method",))
+_majority_sign_mask_jit = kernel(_majority_sign_mask_kernel, static_argnames=("method",))
 
 
 def calculate_majority_sign_mask(

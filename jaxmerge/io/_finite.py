@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmerge.core._kernels import kernel
 from jaxmerge.io.safetensors_io import CheckpointError
 
 
-@jax.jit
+@kernel
 def finite_flags(leaves):
     """One flag per input: every entry is finite.
 

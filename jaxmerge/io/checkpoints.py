@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxmerge import __version__
 from jaxmerge.core.selection import flat_rows_shape
+from jaxmerge.io._ahead import AheadCompiler
 from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
 from jaxmerge.io._finite import finite_flags as _finite, raise_unless_finite
 from jaxmerge.io._pipeline import PhaseProfile, run_ordered
@@ -421,6 +422,9 @@ def merge_checkpoints(
     writers: dict[int, ShardWriter] = {}
     arenas = _Arenas(max(1, plan.depth), max((_arena_bytes(e, checkpoints) for e in plan.layout), default=0))
     views = _merge_views(plan, mesh)
+    signatures = {info.name: _kernel_signature(entries[info.name], info, checkpoints, plan, views.get(info.name))
+                  for _, _, info in items}
+    ahead = _ahead_compiler(items, signatures, entries, views, checkpoints, plan, key, mesh, allow_nonfinite)
 
     # The plan knows the output's size: a disk without room for it fails before anything is written.
     def finalize(tmp: Path) -> None:
@@ -435,7 +439,7 @@ def merge_checkpoints(
         output_directory = atomic_directory(plan.output, force=force, expected_bytes=total)
     else:  # every process writes into one temporary; process 0 finalizes it once all succeeded
         output_directory = distributed.shared_atomic_directory(plan.output, processes, force=force, finalize=finalize)
-    with profile.compiles(), output_directory as tmp, tqdm(
+    with profile.compiles(), output_directory as tmp, ahead, tqdm(
         total=total, unit="B", unit_scale=True, desc="merging", disable=not progress
     ) as bar:
 
@@ -447,6 +451,8 @@ def merge_checkpoints(
 
         def dispatch(item, read_result):
             arena, leaves = read_result
+            with profile.phase("compile_wait"):
+                ahead.wait(signatures[item[2].name])
             with profile.phase("dispatch"):
                 return arena, _dispatch_merge(entries[item[2].name], item[2], leaves, checkpoints, plan, key, mesh, allow_nonfinite)
 
@@ -478,6 +484,7 @@ def merge_checkpoints(
         if processes is None:
             finalize(tmp)
     profile.add("wall", time.perf_counter() - started)
+    profile.add("compile_ahead", ahead.seconds)
     profile.count("tensors", len(items))
     profile.count("depth", plan.depth)
     plan.profile = profile.as_dict()
@@ -555,6 +562,48 @@ def _merge_views(plan: MergePlan, mesh) -> dict[str, tuple[int, int]]:
         if spec is not None and view is not None and view != tuple(info.shape) and spec.merges_entrywise(bound):
             views[info.name] = view
     return views
+
+
+def _ahead_compiler(items, signatures, entries, views, checkpoints, plan: MergePlan, key, mesh,
+                    allow_nonfinite) -> AheadCompiler:
+    """Compile each kernel signature's dispatch (cast, finite check, merge) on abstract inputs, in plan order,
+    in a background thread (`jaxmerge.io._ahead`).
+
+    Not with a mesh: the inputs are placed on it when read, and their shardings are part of the kernels.
+    One thread: on 2 cores (measured once, with other jobs running) a second one did not shorten the
+    first, uncached run of a Llama-shaped merge, whose kernels already use both cores.
+    """
+    if mesh is not None:
+        return AheadCompiler([])
+
+    def prepare(info: TensorInfo) -> Callable[[], object]:
+        entry, view = entries[info.name], views.get(info.name)
+        abstract = tuple(
+            jax.ShapeDtypeStruct(view or checkpoints[i].tensors[name].shape, DTYPES[checkpoints[i].tensors[name].dtype])
+            for i, name in entry.sources
+        )
+
+        def dispatch_abstract(leaves):
+            _, (merged, flags, _) = _dispatch_merge(entry, info, ("float", list(leaves)), checkpoints, plan, key,
+                                                    mesh, allow_nonfinite)
+            return merged, flags
+
+        return lambda: jax.eval_shape(dispatch_abstract, abstract)
+
+    return AheadCompiler([(signatures[info.name], prepare(info)) for _, _, info in items
+                          if signatures[info.name] is not None])
+
+
+def _kernel_signature(entry: OutputTensor, info: TensorInfo, checkpoints, plan: MergePlan,
+                      view: tuple[int, ...] | None) -> tuple | None:
+    """What decides which kernels merge this tensor: its inputs' shapes and dtypes, the cast and the bound
+    method; None for a tensor merged without a kernel (integers, passed through)."""
+    if info.dtype not in FLOAT_DTYPES:
+        return None
+    spec, bound = plan.bound[info.name]
+    inputs = tuple((view or checkpoints[i].tensors[name].shape, checkpoints[i].tensors[name].dtype)
+                   for i, name in entry.sources)
+    return inputs, plan.dtype, entry.has_base, spec.name, repr(sorted(bound.items()))
 
 
 def _read_sources(entry: OutputTensor, info: TensorInfo, checkpoints, arena: np.ndarray | None = None,

@@ -23,8 +23,6 @@ Deliberate differences from mergekit:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +30,7 @@ from jax import lax
 
 from jaxmerge.core import _validation as v
 from jaxmerge.core._dtypes import compute_dtype, count_dtype
+from jaxmerge.core._kernels import kernel
 from jaxmerge.core.selection import kth_largest_magnitude_bits, masked, top_k_magnitude_mask
 from jaxmerge.core.sign import elected_sign, sum_tasks
 from jaxmerge.methods._table import BasePolicy, Method, Param, Scope, split_inputs
@@ -80,7 +79,7 @@ def _model_stock(inputs, base_index, *, key, filter_wise):
     return _model_stock_kernel(base, tuple(models), filter_wise=bool(filter_wise))
 
 
-@functools.partial(jax.jit, static_argnames=("filter_wise",))
+@kernel(static_argnames=("filter_wise",))
 def _model_stock_kernel(base, models, *, filter_wise):
     cd = compute_dtype(base.dtype)
     w0, ws = base.astype(cd), _widened(models, cd)
@@ -138,7 +137,7 @@ def _sce(inputs, base_index, *, key, select_topk, int8_mask=False):
     return _sce_kernel(base, tuple(models), select_topk, partitioned=v.is_partitioned(tuple(inputs)))
 
 
-@functools.partial(jax.jit, static_argnames=("partitioned",))
+@kernel(static_argnames=("partitioned",))
 def _sce_kernel(base, models, select_topk, *, partitioned):
     cd = compute_dtype(base.dtype)
     w0 = base.astype(cd)
@@ -219,7 +218,7 @@ def _ramplus_tl(inputs, base_index, *, key, r, alpha, epsilon):
     return _ram_kernel(base, tuple(models), epsilon, r, alpha, plus=True)
 
 
-@functools.partial(jax.jit, static_argnames=("plus",))
+@kernel(static_argnames=("plus",))
 def _ram_kernel(base, models, epsilon, r, alpha, *, plus):
     cd = compute_dtype(base.dtype)
     w0 = base.astype(cd)
@@ -298,7 +297,7 @@ def _kth_smallest(x, rank):
     return lax.cond(r < c_neg, among_negatives, among_the_rest)
 
 
-@functools.partial(jax.jit, static_argnames=("ranks",))
+@kernel(static_argnames=("ranks",))
 def _arcee_fusion_kernel(base, model, *, ranks):
     cd = compute_dtype(base.dtype)
     w0, w1 = _as_1d(base.astype(cd)), _as_1d(model.astype(cd))
@@ -334,7 +333,7 @@ def _passthrough(inputs, base_index, *, key, scale):
     return _scale_kernel(x, scale[0])
 
 
-@jax.jit
+@kernel
 def _scale_kernel(x, scale):
     cd = compute_dtype(x.dtype)
     return (x.astype(cd) * jnp.asarray(scale, cd)).astype(x.dtype)

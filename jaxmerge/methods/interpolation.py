@@ -18,13 +18,12 @@ https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.core._dtypes import compute_dtype
+from jaxmerge.core._kernels import kernel
 from jaxmerge.core.sign import sum_tasks
 from jaxmerge.methods._table import REQUIRED, BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs
 
@@ -47,7 +46,7 @@ def _safe(x, bad):
 # --------------------------------------------------------------------------- slerp
 
 
-@jax.jit
+@kernel
 def slerp(t, v0, v1):
     """Spherical linear interpolation of two whole tensors (mergekit's `slerp`).
 
@@ -94,7 +93,7 @@ def _slerp_merge(inputs, base_index, *, key, t):
 # --------------------------------------------------------------------------- nuslerp
 
 
-@functools.partial(jax.jit, static_argnames=("row_wise", "flatten"))
+@kernel(static_argnames=("row_wise", "flatten"))
 def nuslerp(t, v0, v1, *, row_wise=False, flatten=True):
     """mergekit's `nuslerp`: slerp of unnormalised vectors along rows, columns or the whole tensor.
 
@@ -138,7 +137,7 @@ def nuslerp(t, v0, v1, *, row_wise=False, flatten=True):
     return result.reshape(out_shape).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("row_wise", "flatten"))
+@kernel(static_argnames=("row_wise", "flatten"))
 def _nuslerp_kernel(weights, m0, m1, base, *, row_wise, flatten):
     # mergekit: t = w1 / (w0 + w1), 0.5 when the weights sum to (almost) 0.
     total = weights[0] + weights[1]
@@ -171,7 +170,7 @@ def _check_nuslerp(bound, num_inputs):
 # --------------------------------------------------------------------------- multislerp
 
 
-@functools.partial(jax.jit, static_argnames=("normalize_weights",))
+@kernel(static_argnames=("normalize_weights",))
 def _multislerp_kernel(tensors, weights, base, eps, *, normalize_weights):
     cd = compute_dtype(tensors[0].dtype)
     shape, dtype = tensors[0].shape, tensors[0].dtype
@@ -231,7 +230,7 @@ def _check_multislerp(bound, num_inputs):
 # --------------------------------------------------------------------------- karcher
 
 
-@jax.jit
+@kernel
 def karcher_mean(tensors, max_iter=10, tol=1e-5):
     """mergekit's `karcher_merge_tensors` with equal weights 1/n: Karcher mean on the unit sphere.
 
@@ -301,7 +300,7 @@ def _karcher_merge(inputs, base_index, *, key, max_iter, tol):
 # --------------------------------------------------------------------------- nearswap
 
 
-@jax.jit
+@kernel
 def nearswap(t, a, b):
     """mergekit's `nearswap`: move a towards b where they are already close.
 

@@ -18,6 +18,7 @@ from jaxmerge.core import _validation as v
 from jaxmerge.core.sharding import shard
 from jaxmerge.methods import _table as table
 
+
 def path_key(key: jax.Array, path: str) -> jax.Array:
     """The PRNG key of one leaf: `fold_in(key, crc32(path))`.
 

@@ -56,6 +56,7 @@ import optax
 
 from jaxmerge.core import _validation as v
 from jaxmerge.core._dtypes import compute_dtype
+from jaxmerge.core._kernels import kernel
 from jaxmerge.methods._table import BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs, weight_array
 
 TSV_PAPER = "Gargiulo et al., 2025, Task Singular Vectors: Reducing Task Interference in Model Merging, arXiv:2412.00081"
@@ -204,7 +205,7 @@ def _matrix_fn(method, fraction, iter_num, lr):
     return functools.partial(_wudi_matrix, iter_num=iter_num, lr=lr)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "batch_dims", "fraction", "transpose"))
+@kernel(static_argnames=("method", "batch_dims", "fraction", "transpose"))
 def _kernel(tasks, base, weights, scale, iter_num, lr, *, method, batch_dims, fraction, transpose=False):
     """Merge the task vectors `tasks` (or `tasks - base`); add `base` back when given.
 

@@ -29,12 +29,12 @@ import functools
 import warnings
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.core import merging
 from jaxmerge.core._dtypes import compute_dtype, count_dtype
+from jaxmerge.core._kernels import kernel
 from jaxmerge.core.merging import Rule
 from jaxmerge.methods._table import BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs, weight_array
 
@@ -234,7 +234,7 @@ def _linear(inputs, base_index, *, key, weight, normalize):
     return _linear_kernel(tuple(inputs), np.asarray(weight, np.float32), normalize=normalize, cd=jnp.dtype(cd))
 
 
-@functools.partial(jax.jit, static_argnames=("normalize", "cd"))
+@kernel(static_argnames=("normalize", "cd"))
 def _linear_kernel(inputs, weights, *, normalize, cd):
     w = weights.astype(cd)
     total = merging.sum_tasks([x.astype(cd) * w[i] for i, x in enumerate(inputs)])
