@@ -41,6 +41,25 @@ def _release_compiled_kernels():
         gc.collect()
 
 
+@pytest.fixture(scope="session")
+def shared_compile_cache(tmp_path_factory) -> dict[str, str]:
+    """An environment for child processes (commands, notebook kernels) that share one XLA compile cache.
+
+    `jaxmerge demo` and both notebooks compile the same demo kernels (~100 executables: about a
+    minute of a 2-core CPU's time in each process). With JAX's persistent compilation cache in a
+    directory of this test session only, the first process compiles them and the later ones load
+    them: the same executables (JAX keys them by program, compile options, devices and versions),
+    so the same code runs. The variables go to the children only; this process's JAX keeps its own
+    in-memory caches, and the user's caches are left alone.
+    """
+    return dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla-cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # every kernel, however fast it compiles
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",  # no size floor
+    )
+
+
 SHAPES = [(1,), (7,), (33, 65), (2, 3, 4), (4, 3, 5, 5)]
 DENSITIES = [0.0, 1e-3, 0.1, 0.5, 0.9, 0.999, 1.0]
 FLOAT_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
