@@ -45,12 +45,12 @@ def _release_compiled_kernels():
 def shared_compile_cache(tmp_path_factory) -> dict[str, str]:
     """An environment for child processes (commands, notebook kernels) that share one XLA compile cache.
 
-    `jaxmerge demo` and both notebooks compile the same demo kernels (~100 executables: about a
-    minute of a 2-core CPU's time in each process). With JAX's persistent compilation cache in a
-    directory of this test session only, the first process compiles them and the later ones load
-    them: the same executables (JAX keys them by program, compile options, devices and versions),
-    so the same code runs. The variables go to the children only; this process's JAX keeps its own
-    in-memory caches, and the user's caches are left alone.
+    `jaxmerge demo` and both notebooks compile the same demo kernels (~100 executables, most of a
+    quick demo's ~50 s on 2 CPU cores; a run that loads them takes ~15 s). With JAX's persistent
+    compilation cache in a directory of this test session only, the first process compiles them and
+    the later ones load them: the same executables (JAX keys them by program, compile options,
+    devices and versions), so the same code runs. The variables go to the children only: this
+    process's JAX keeps its in-memory caches, and the user's caches are left alone.
     """
     return dict(
         os.environ,

@@ -14,7 +14,8 @@ def test_notebook_executes(path, tmp_path, shared_compile_cache):
     notebook = nbformat.read(path, as_version=4)
     # Committed without outputs (see the README); executing must not depend on any.
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
-    # Both notebooks run the demo's kernels, as tests/test_demo.py does: the kernel shares their compilation cache.
+    # Both notebooks run the demo's kernels, as tests/test_demo.py does: the kernel loads them from
+    # the session's compilation cache where an earlier process compiled them (conftest.shared_compile_cache).
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env=shared_compile_cache)
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
