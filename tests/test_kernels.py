@@ -112,18 +112,3 @@ def test_leaving_early_stops_the_thread_and_releases_every_waiter():
         release.set()
     ahead.wait("never")  # returns: released although never prepared
 
-
-def test_two_workers_prepare_two_signatures_at_once():
-    both = threading.Barrier(2, timeout=5)  # broken (an error) unless two preparations run together
-    met = []
-
-    def prepare(tag):
-        def run():
-            both.wait()
-            met.append(tag)
-        return run
-
-    with AheadCompiler([("a", prepare("a")), ("b", prepare("b"))], workers=2) as ahead:
-        ahead.wait("a")
-        ahead.wait("b")
-    assert sorted(met) == ["a", "b"]

@@ -577,11 +577,9 @@ def _ahead_compiler(items, signatures, entries, views, checkpoints, plan: MergeP
         return AheadCompiler([])
 
     def prepare(info: TensorInfo) -> Callable[[], object]:
-        entry, view = entries[info.name], views.get(info.name)
-        abstract = tuple(
-            jax.ShapeDtypeStruct(view or checkpoints[i].tensors[name].shape, DTYPES[checkpoints[i].tensors[name].dtype])
-            for i, name in entry.sources
-        )
+        entry = entries[info.name]
+        abstract = tuple(jax.ShapeDtypeStruct(shape, DTYPES[code])
+                         for shape, code in _input_specs(entry, checkpoints, views.get(info.name)))
 
         def dispatch_abstract(leaves):
             _, (merged, flags, _) = _dispatch_merge(entry, info, ("float", list(leaves)), checkpoints, plan, key,
@@ -601,9 +599,13 @@ def _kernel_signature(entry: OutputTensor, info: TensorInfo, checkpoints, plan: 
     if info.dtype not in FLOAT_DTYPES:
         return None
     spec, bound = plan.bound[info.name]
-    inputs = tuple((view or checkpoints[i].tensors[name].shape, checkpoints[i].tensors[name].dtype)
-                   for i, name in entry.sources)
-    return inputs, plan.dtype, entry.has_base, spec.name, repr(sorted(bound.items()))
+    return _input_specs(entry, checkpoints, view), plan.dtype, entry.has_base, spec.name, repr(sorted(bound.items()))
+
+
+def _input_specs(entry: OutputTensor, checkpoints, view: tuple[int, ...] | None) -> tuple:
+    """(shape, safetensors dtype code) of each input of the merge, as `_read_sources` hands them to it."""
+    return tuple((view or checkpoints[i].tensors[name].shape, checkpoints[i].tensors[name].dtype)
+                 for i, name in entry.sources)
 
 
 def _read_sources(entry: OutputTensor, info: TensorInfo, checkpoints, arena: np.ndarray | None = None,
