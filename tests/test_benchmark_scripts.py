@@ -34,3 +34,11 @@ def test_quality_benchmark_quick_run(tmp_path):
     assert base < methods["task_arithmetic"]["average"] < individual
     for row in methods.values():
         assert len(row["per_task"]) == len(results["tasks"])
+
+
+def test_write_recycling_benchmark_times_both_writers(tmp_path):
+    from benchmarks import write_recycling
+
+    result = write_recycling.run(tensor_bytes=1 << 20, tensors=3, rounds=2, gap=0, directory=str(tmp_path))
+    assert set(result["seconds"]) == {"keep", "recycle"}  # and the two files compared equal
+    assert all(len(s) == 2 and min(s) > 0 for s in result["seconds"].values())

@@ -197,3 +197,70 @@ def test_the_command_flushes_runs_exit_handlers_and_keeps_its_exit_code(argv, co
         assert out.stdout.startswith("ties: ") and "density" in out.stdout  # block-buffered stdout, flushed
     else:
         assert "unknown merge method 'average'" in out.stderr
+
+
+def _resident(path) -> np.ndarray:
+    """Which of the file's pages are in the page cache (Linux mincore on a mapping that touches none)."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size, page = os.path.getsize(path), os.sysconf("SC_PAGE_SIZE")
+    vec = (ctypes.c_ubyte * -(-size // page))()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return np.frombuffer(vec, np.uint8) & 1 == 1
+
+
+def test_written_pages_are_dropped_from_the_page_cache_once_on_disk(tmp_path, monkeypatch):
+    """The writer recycles its page cache: pieces more than the lag behind leave it, the rest stay; the
+    file reads back the same. With recycle_lag=-1 every page stays (what the assertion tells apart)."""
+    import os
+
+    from jaxmerge.io import safetensors_io
+    from jaxmerge.io.safetensors_io import ShardWriter, TensorInfo
+
+    if safetensors_io._sync_file_range is None:
+        pytest.skip("no sync_file_range here (not Linux): the writer keeps its pages")
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * (1 << 20))
+    with open(probe, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if _resident(probe).any():
+        pytest.skip(f"{tmp_path}'s filesystem keeps clean pages cached (tmpfs?): nothing to recycle")
+
+    piece = 64 << 10
+    monkeypatch.setattr(safetensors_io, "_WRITEBACK_BYTES", piece)
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal((64, 1024)).astype(np.float32) for i in range(8)}  # 256 KB each
+    infos = [TensorInfo(name, a.shape, "F32") for name, a in tensors.items()]
+    resident = {}
+    for lag in (4 * piece, -1):
+        path = tmp_path / f"lag{lag}.safetensors"
+        writer = ShardWriter(path, infos, {"format": "pt"}, recycle_lag=lag)
+        for name, a in tensors.items():
+            writer.write(name, a)
+        writer.close()
+        resident[lag] = _resident(path)  # before reading it back, which caches it again
+        with safe_open(str(path), "np") as f:
+            for name, a in tensors.items():
+                np.testing.assert_array_equal(f.get_tensor(name), a)
+    kept, recycled = resident[-1], resident[4 * piece]
+    assert kept.all()
+    pages_per_piece = piece // os.sysconf("SC_PAGE_SIZE")
+    # All but the last pieces (the lag and the piece in flight) left the cache.
+    assert not recycled[: -6 * pages_per_piece].any()
+    assert recycled[-4 * pages_per_piece :].all()
