@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.floor import io_floor_in_child
+
 
 def make_inputs(root: Path, gb: float, count: int = 3, tensors: int = 16) -> list[Path]:
     from safetensors.numpy import save_file
@@ -36,22 +38,6 @@ def make_inputs(root: Path, gb: float, count: int = 3, tensors: int = 16) -> lis
     return paths
 
 
-def io_floor(inputs: list[Path], out: Path) -> float:
-    """Read every input once and write one file of an input's size, in 64 MB blocks."""
-    start = time.perf_counter()
-    block = 64 << 20
-    for path in inputs:
-        with open(path, "rb") as f:
-            while f.read(block):
-                pass
-    with open(inputs[0], "rb") as src, open(out, "wb") as dst:
-        while chunk := src.read(block):
-            dst.write(chunk)
-        dst.flush()
-        os.fsync(dst.fileno())
-    return time.perf_counter() - start
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=2.0, help="size of each input checkpoint (default 2)")
@@ -65,8 +51,7 @@ def main(argv=None) -> int:
     # Disk and page-cache state swing single measurements (2x seen here): alternate and take medians.
     floors, walls, peaks = [], [], []
     for _ in range(args.rounds):
-        floors.append(io_floor(inputs, root / "floor.bin"))
-        (root / "floor.bin").unlink()
+        floors.append(io_floor_in_child(inputs, root / "floor.bin"))
         shutil.rmtree(root / "merged", ignore_errors=True)
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "jaxmerge", "merge", *map(str, inputs), "--method", "ties", "--density", "0.2", "--output", str(root / "merged"), "--quiet"])

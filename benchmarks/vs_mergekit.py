@@ -8,7 +8,8 @@ fine-tunes: base + small noise), writes one mergekit recipe per method, and
 runs, taking turns round by round (this VM drifts by up to 25% between
 stretches, and other jobs may share its cores):
 
-* the warm I/O floor: read every input once, write one output-sized file, fsync;
+* the warm I/O floor (`benchmarks.floor`): read every input once, write one
+  output-sized file the way jaxmerge writes its shards, fsync included;
 * mergekit-yaml (CPU);
 * `jaxmerge merge` on the same recipe without a compilation cache (every run
   compiles: JAXMERGE_COMPILE_CACHE=0), and with a persistent compilation cache
@@ -52,6 +53,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.floor import io_floor_in_child
 
 # Llama shapes: (hidden, intermediate, layers, vocab). "llama" is the 0.67 GB float32 model of issue 13.
 SIZES = {
@@ -165,29 +168,6 @@ def weight_files(model: Path) -> list[Path]:
     return sorted(model.glob("*.safetensors"))
 
 
-def io_floor(inputs: list[Path], out: Path) -> float:
-    """Read every input file once and write one file of the first input's size, fsync included.
-
-    One reused 64 MB buffer (`readinto`): no allocation per block, so this is the
-    I/O alone (page-cache copies and the disk's write-back), not Python's
-    allocator; a merge cannot do less I/O than this.
-    """
-    buf = bytearray(64 << 20)
-    view = memoryview(buf)
-    start = time.perf_counter()
-    for path in inputs:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(view):
-                pass
-    with open(inputs[0], "rb", buffering=0) as src, open(out, "wb", buffering=0) as dst:
-        while n := src.readinto(view):
-            dst.write(view[:n])
-        os.fsync(dst.fileno())
-    elapsed = time.perf_counter() - start
-    out.unlink()
-    return elapsed
-
-
 def jaxmerge_cmd(recipe: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "jaxmerge", "merge", str(recipe), "--output", str(out), "--force", "--quiet"]
 
@@ -275,7 +255,7 @@ def bench(root: Path, size: str, dtype: str, method: str, rounds: int, baseline:
     env_cache = cache_env(cache)
     env_baseline = {**env_nocache, "PYTHONPATH": str(baseline)} if baseline else None
     # First runs (the page cache is warm for both): no cache at all, then filling an empty cache.
-    io_floor(files, root / "floor.bin")
+    io_floor_in_child(files, root / "floor.bin")
     first_wall, first_peak, first_profile = run_jaxmerge(recipe, out_j, env_nocache, profile_file)
     fill_wall, _, fill_profile = run_jaxmerge(recipe, out_j, env_cache, profile_file)
     tools = ["floor", "mergekit", "jaxmerge", "jaxmerge_cached"] + (["baseline"] if baseline else [])
@@ -283,7 +263,7 @@ def bench(root: Path, size: str, dtype: str, method: str, rounds: int, baseline:
     peaks = {k: [] for k in tools if k != "floor"}
     profiles = {"jaxmerge": [], "jaxmerge_cached": []}
     for _ in range(rounds):
-        walls["floor"].append(io_floor(files, root / "floor.bin"))
+        walls["floor"].append(io_floor_in_child(files, root / "floor.bin"))
         w, p = run_child(mergekit_cmd(recipe, out_m), env_nocache)
         walls["mergekit"].append(w), peaks["mergekit"].append(p)
         for tool, env in (("jaxmerge", env_nocache), ("jaxmerge_cached", env_cache)):

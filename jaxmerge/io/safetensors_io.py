@@ -273,60 +273,42 @@ def plan_shards(tensors: list[TensorInfo], max_shard_size: int) -> list[list[Ten
     return shards
 
 
-class ShardWriter:
-    """Write one safetensors file whose tensors arrive one at a time, in plan order.
+class StreamedFile:
+    """A file written front to back whose bytes go to disk as they come and leave the page cache once there.
 
     With `writeback` (the default, on Linux) the bytes are written in pieces
     of `_WRITEBACK_BYTES` and each piece is handed to the kernel's write-back
     at once (`sync_file_range`, which does not wait), so the disk writes
     overlap the rest of the merge and the `fsync` at `close` has little left
-    to wait for. Pieces more than `recycle_lag` bytes (default `_RECYCLE_LAG`;
-    negative: none) behind are then waited
-    for (by then they are usually on disk already) and dropped from the page
-    cache (`posix_fadvise(DONTNEED)`), so the next pieces reuse those pages:
-    the output occupies a bounded share of the page cache instead of its whole
-    size, and the writes do not need fresh memory. On a VM whose free memory
-    the host takes back (this project's test machine), filling fresh pages ran
-    at ~0.35 GB/s: writing a 0.66 GB file took 1.9-2.0 s, 0.3-0.6 s recycled
+    to wait for. Pieces more than `recycle_lag` bytes behind (default
+    `_RECYCLE_LAG`; negative: keep every page) are then waited for (by then
+    they are usually on disk already) and dropped from the page cache
+    (`posix_fadvise(DONTNEED)`), so the next pieces reuse those pages: the
+    file occupies a bounded share of the page cache instead of its whole size,
+    and writing it does not need fresh memory. On a VM whose host takes freed
+    guest memory back (this project's test machine) fresh pages fill at
+    ~0.35 GB/s: a 0.66 GB file took 1.97 s to write, 0.35 s recycled
     (`benchmarks/write_recycling.py`). The file's content is the same either way.
     """
 
-    def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], *, writeback: bool = True,
-                 recycle_lag: int | None = None):
-        self.path = path
-        self._pending = list(tensors)
-        header: dict[str, object] = {"__metadata__": dict(metadata)}
-        offset = 0
-        for t in tensors:
-            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-            offset += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        _check_room(path, 8 + len(raw) + offset)
+    def __init__(self, path: str | os.PathLike, *, writeback: bool = True, recycle_lag: int | None = None):
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
-        self._written = 8 + len(raw)
+        self._written = 0
         self._synced = 0  # bytes already handed to write-back
         self._recycled = 0  # bytes already on disk and dropped from the page cache
         self._writeback = writeback and _sync_file_range is not None
-        self._recycle_lag = _RECYCLE_LAG if recycle_lag is None else recycle_lag  # < 0: keep every page
+        self._recycle_lag = _RECYCLE_LAG if recycle_lag is None else recycle_lag
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        expected = self._pending.pop(0)
-        if expected.name != name:
-            raise RuntimeError(f"tensor {name} written out of order (expected {expected.name})")
-        data = np.ascontiguousarray(array, dtype=DTYPES[expected.dtype])
-        if data.shape != expected.shape:
-            raise RuntimeError(f"tensor {name} has shape {data.shape}, the plan says {expected.shape}")
-        raw = data.reshape(-1).view(np.uint8)  # a byte view: bfloat16 has no buffer format
+    def write(self, data) -> None:
+        """Append `data` (any bytes-like object)."""
+        view = memoryview(data).cast("B")
         if not self._writeback:
-            self._file.write(raw.data)
-            self._written += raw.nbytes
+            self._file.write(view)
+            self._written += view.nbytes
             return
-        for start in range(0, raw.nbytes, _WRITEBACK_BYTES):
-            piece = raw[start : start + _WRITEBACK_BYTES]
-            self._file.write(piece.data)
+        for start in range(0, view.nbytes, _WRITEBACK_BYTES):
+            piece = view[start : start + _WRITEBACK_BYTES]
+            self._file.write(piece)
             self._written += piece.nbytes
             if self._written - self._synced >= _WRITEBACK_BYTES:
                 self._start_writeback()
@@ -341,7 +323,7 @@ class ShardWriter:
             self._synced = self._written
 
     def _recycle(self) -> None:
-        """Wait for the pieces more than `_RECYCLE_LAG` bytes behind to reach the disk and drop their pages."""
+        """Wait for the pieces more than the lag behind to reach the disk and drop their pages."""
         end = (self._synced - self._recycle_lag) // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages: a part stays
         if self._recycle_lag < 0 or end - self._recycled < _WRITEBACK_BYTES:
             return
@@ -356,17 +338,53 @@ class ShardWriter:
         self._recycled = end
 
     def close(self) -> None:
-        if self._pending:
-            raise RuntimeError(f"{self.path}: {len(self._pending)} tensors were never written")
+        """Flush and fsync: the bytes are on disk when this returns."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self) -> None:
+        """Close without syncing (the file is to be discarded)."""
         try:
             self._file.close()
         except OSError:
             pass  # the close flushes the buffer: on a full disk it fails again; the file is discarded anyway
+
+
+class ShardWriter:
+    """Write one safetensors file whose tensors arrive one at a time, in plan order (a `StreamedFile`)."""
+
+    def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], *, writeback: bool = True,
+                 recycle_lag: int | None = None):
+        self.path = path
+        self._pending = list(tensors)
+        header: dict[str, object] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for t in tensors:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        _check_room(path, 8 + len(raw) + offset)
+        self._file = StreamedFile(path, writeback=writeback, recycle_lag=recycle_lag)
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        expected = self._pending.pop(0)
+        if expected.name != name:
+            raise RuntimeError(f"tensor {name} written out of order (expected {expected.name})")
+        data = np.ascontiguousarray(array, dtype=DTYPES[expected.dtype])
+        if data.shape != expected.shape:
+            raise RuntimeError(f"tensor {name} has shape {data.shape}, the plan says {expected.shape}")
+        self._file.write(data.reshape(-1).view(np.uint8).data)  # a byte view: bfloat16 has no buffer format
+
+    def close(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"{self.path}: {len(self._pending)} tensors were never written")
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.abort()
 
 
 _SYNC_FILE_RANGE_WRITE = 2

@@ -1,0 +1,53 @@
+"""The I/O floor of a merge: read every input once, write one output-sized file, fsync included.
+
+A merge cannot do less I/O than this. The output is written the way
+`jaxmerge merge` writes its shards (`jaxmerge.io.safetensors_io.StreamedFile`:
+write-back as it goes, pages recycled), so the floor is not slower than the
+writer it bounds. `io_floor_in_child` runs it in a child process: the
+benchmarks' parents stay free of JAX, whose memory a later child's peak RSS
+would otherwise count (a child's ru_maxrss starts from its parent's at fork).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def io_floor(inputs: list[Path], out: Path) -> float:
+    """Seconds to read `inputs` once and write a copy of the first to `out` (then removed).
+
+    One reused 64 MB buffer (`readinto`): no allocation per block, so this is the
+    I/O alone (page-cache copies and the disk's write-back), not Python's allocator.
+    """
+    from jaxmerge.io.safetensors_io import StreamedFile
+
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    start = time.perf_counter()
+    for path in inputs:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    dst = StreamedFile(out)
+    with open(inputs[0], "rb", buffering=0) as src:
+        while n := src.readinto(view):
+            dst.write(view[:n])
+    dst.close()
+    elapsed = time.perf_counter() - start
+    Path(out).unlink()
+    return elapsed
+
+
+def io_floor_in_child(inputs: list[Path], out: Path) -> float:
+    """`io_floor` in a fresh Python process (see the module's docstring)."""
+    code = ("import json, sys; from pathlib import Path; from benchmarks.floor import io_floor; "
+            "args = json.loads(sys.argv[1]); print(io_floor([Path(p) for p in args[0]], Path(args[1])))")
+    arg = json.dumps([[str(p) for p in inputs], str(out)])
+    done = subprocess.run([sys.executable, "-c", code, arg], cwd=REPO, capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
