@@ -21,7 +21,8 @@ from jaxmerge.methods.pytree import merge_params  # noqa: E402
 # DELLA's and SCE's statistics): on a mesh XLA adds the per-device partial sums in another order,
 # so they agree within float32 rounding (measured: at most 2.1e-7), not bit for bit. Every other
 # method (selections by exact counts, element-wise arithmetic) must give the same bits.
-REDUCING = {"tsv_m", "iso_c", "iso_cts", "wudi", "karcher", "multislerp", "slerp", "della", "della_linear", "sce", "model_stock"}
+REDUCING = {"tsv_m", "iso_c", "iso_cts", "wudi", "karcher", "multislerp", "slerp", "nuslerp", "della", "della_linear", "sce",
+            "model_stock"}
 
 assert len(jax.devices()) == 8
 mesh = make_mesh(8)
@@ -29,9 +30,10 @@ rng = np.random.default_rng(0)
 
 
 def tree(seed_shift: float):
-    # A matrix whose 37 rows do not divide by 8 (padded shards) and a vector (each compiled shape costs time).
+    # A matrix whose 37 rows do not divide by 8, so `leaf_sharding` splits its 24 columns instead, and a vector
+    # split in 8 (each compiled shape costs time).
     return {
-        "w": jnp.asarray(rng.standard_normal((37, 20)).astype(np.float32) * 0.1 + seed_shift),
+        "w": jnp.asarray(rng.standard_normal((37, 24)).astype(np.float32) * 0.1 + seed_shift),
         "b": jnp.asarray(rng.standard_normal((40,)).astype(np.float32) * 0.1 + seed_shift),
     }
 
@@ -61,6 +63,9 @@ for spec in table.all_methods():
         if not same:
             failures.append(f"{spec.name} {name}: max difference {np.max(np.abs(a - b)):.3g}")
     sharded = len(many["w"].sharding.device_set)
+    for name in one:  # the comparison means nothing on a replicated tensor
+        if many[name].sharding.is_fully_replicated:
+            failures.append(f"{spec.name} {name}: merged replicated, not split over the mesh")
     print("ok" if not failures or not failures[-1].startswith(spec.name) else "FAIL", spec.name, f"{sharded} devices")
 
 if failures:

@@ -42,8 +42,6 @@ from jaxmerge.io._ahead import AheadCompiler
 from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
 from jaxmerge.io._finite import finite_flags as _finite, raise_unless_finite
 from jaxmerge.io._pipeline import PhaseProfile, run_ordered
-from jaxmerge.methods._table import MethodError
-from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
 from jaxmerge.io.safetensors_io import (
     ALIGN,
     DTYPES,
@@ -59,6 +57,8 @@ from jaxmerge.io.safetensors_io import (
     shard_names,
     write_index,
 )
+from jaxmerge.methods._table import MethodError
+from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
 
 # mergekit's dtype names (recipes' `dtype` / `out_dtype`) -> safetensors codes.
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}

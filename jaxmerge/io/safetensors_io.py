@@ -22,10 +22,10 @@ import errno
 import json
 import mmap
 import os
-import sys
 import re
 import shutil
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 

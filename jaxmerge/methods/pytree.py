@@ -91,14 +91,16 @@ def merge_leaf(
       mesh: optional `jax.sharding.Mesh`: the tensors are sharded over it first.
 
     Returns:
-      The merged tensor, in the leaves' dtype.
+      The merged tensor, in the leaves' dtype; with `mesh`, sharded like its inputs.
     """
     inputs = [shard(jnp.asarray(leaf), mesh) for leaf in leaves]
     base_index = None
     if base is not None and spec.base is not table.BasePolicy.IGNORED:
         inputs = [shard(jnp.asarray(base), mesh), *inputs]
         base_index = 0
-    return table.merge_tensor(spec, inputs, base_index, bound, key=key)
+    # XLA may lay out a result replicated when it comes from whole-tensor reductions (slerp's norms,
+    # Karcher's and Model Stock's means): every device would then hold all of it.
+    return shard(table.merge_tensor(spec, inputs, base_index, bound, key=key), mesh)
 
 
 def merge_params(
