@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -80,3 +81,25 @@ def test_every_table_method_on_a_mesh_equals_single_device():
     from jaxmerge.methods import _table
 
     assert result.stdout.count("ok ") == len(_table.names())
+
+
+@pytest.mark.parametrize("call", [
+    lambda t: jaxmerge.ties(t, [1.0, 0.5, -0.7], 0.2),
+    lambda t: jaxmerge.magnitude_prune(t, [1.0, 0.5, -0.7], 0.3),
+    lambda t: jaxmerge.dare_ties(t, [1.0, 0.5, -0.7], 0.3, key=jax.random.key(1)),
+    lambda t: jaxmerge.task_arithmetic(t, [1.0, 0.5, -0.7]),
+], ids=["ties", "magnitude_prune", "dare_ties", "task_arithmetic"])
+def test_arrays_on_an_explicit_mesh_merge_and_stay_on_it(call):
+    """`jax.make_mesh` gives explicit axes (JAX >= 0.8): ties' selection sorts a sample along a sharded
+    axis, which explicit sharding refuses; the kernels run on auto axes and hand the result back."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((1,), ("x",))
+    assert mesh.axis_types == (AxisType.Explicit,)
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal((64, 32)).astype(np.float32) for _ in range(3)]
+    sharded = [jax.device_put(x, NamedSharding(mesh, PartitionSpec("x"))) for x in host]
+    merged = call(sharded)
+    np.testing.assert_array_equal(np.asarray(merged), np.asarray(call(host)))
+    assert merged.sharding.mesh == mesh  # usable beside the caller's other arrays
+    assert (merged + sharded[0]).sharding.mesh == mesh

@@ -14,6 +14,12 @@ arrays of those shapes uses, so that call only runs.
 Every jitted kernel of the core and the methods is declared with `kernel`
 instead of `jax.jit`; outside `compiling_ahead()` it is the jitted function
 (`lower`, `trace` and the other attributes of `jax.jit`'s result included).
+
+The kernel boundary is also where arrays sharded on a mesh with explicit axes
+(`jax.make_mesh`'s default since JAX 0.8) meet kernels written for XLA's
+automatic partitioning: they are run on the same mesh with auto axes
+(`sharding.auto_axes`; same devices and shards) and the results are handed
+back on the caller's mesh.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+from jaxmerge.core.sharding import auto_axes
 
 _AHEAD = contextvars.ContextVar("jaxmerge_compiling_ahead", default=False)
 
@@ -55,6 +64,11 @@ class Kernel:
         functools.update_wrapper(self, jitted)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        explicit = _explicit_mesh(jax.tree_util.tree_leaves((args, kwargs)))
+        if explicit is not None:
+            # Sorts and reductions over sharded axes have no sharding rule on explicit axes: run on auto ones.
+            args, kwargs = _on_mesh((args, kwargs), auto_axes(explicit))
+            return _on_mesh(self(*args, **kwargs), explicit)
         if not _AHEAD.get():
             return self._jitted(*args, **kwargs)
         # Kernels called inside this one are part of its executable: only the outermost compiles.
@@ -71,6 +85,28 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"kernel({self._jitted!r})"
+
+
+def _explicit_mesh(leaves: list[Any]) -> Mesh | None:
+    """The mesh of the first concrete array sharded on explicit axes, or None."""
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            sharding = leaf.sharding
+            if isinstance(sharding, NamedSharding) and AxisType.Explicit in sharding.mesh.axis_types:
+                return sharding.mesh
+    return None
+
+
+def _on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Every array of `tree` sharded on another mesh of the same shape moved to `mesh`, with the same spec."""
+    def move(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            sharding = leaf.sharding
+            if isinstance(sharding, NamedSharding) and sharding.mesh != mesh and sharding.mesh.shape == mesh.shape:
+                return jax.device_put(leaf, NamedSharding(mesh, sharding.spec))
+        return leaf
+
+    return jax.tree_util.tree_map(move, tree)
 
 
 def kernel(fn: Callable[..., Any] | None = None, /, **jit_options: Any):
