@@ -35,9 +35,14 @@ def io_floor(inputs: list[Path], out: Path) -> float:
             while f.readinto(view):
                 pass
     dst = StreamedFile(out)
-    with open(inputs[0], "rb", buffering=0) as src:
-        while n := src.readinto(view):
-            dst.write(view[:n])
+    try:
+        with open(inputs[0], "rb", buffering=0) as src:
+            while n := src.readinto(view):
+                dst.write(view[:n])
+    except BaseException:
+        dst.abort()
+        Path(out).unlink(missing_ok=True)
+        raise
     dst.close()
     elapsed = time.perf_counter() - start
     Path(out).unlink()
@@ -49,5 +54,7 @@ def io_floor_in_child(inputs: list[Path], out: Path) -> float:
     code = ("import json, sys; from pathlib import Path; from benchmarks.floor import io_floor; "
             "args = json.loads(sys.argv[1]); print(io_floor([Path(p) for p in args[0]], Path(args[1])))")
     arg = json.dumps([[str(p) for p in inputs], str(out)])
-    done = subprocess.run([sys.executable, "-c", code, arg], cwd=REPO, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code, arg], cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the I/O floor's process failed:\n{done.stderr}")
     return float(done.stdout.split()[-1])

@@ -8,7 +8,7 @@ size) twice, each time in a fresh child process, taking turns:
 
 * keep: every written page stays in the page cache (`recycle_lag=-1`,
   jaxmerge's writer before 2026-12-03);
-* recycle: pieces 32 MB behind are waited for and dropped from the page cache
+* recycle: the pages of pieces 32 MB behind, once on disk, are dropped from the page cache
   (the default), so the next pieces reuse their pages.
 
 The time is the writer's, header to `fsync` at `close`. `--gap` seconds pass

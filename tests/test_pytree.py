@@ -144,7 +144,8 @@ def test_traced_weights_with_a_method_that_needs_concrete_ones_name_it():
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties"])
 def test_a_mesh_from_jax_make_mesh_with_explicit_axes_merges_as_unsharded(method):
     """`jax.make_mesh` gives explicit axes (JAX 0.10), on which the selection's sort was refused
-    (ShardingTypeError): the leaves are placed on the same mesh with auto axes instead."""
+    (ShardingTypeError): the leaves are merged on the same mesh with auto axes, and the result comes back
+    on the caller's mesh (to be used beside the caller's arrays)."""
     from jax.sharding import AxisType
 
     mesh = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Explicit,))
@@ -154,4 +155,4 @@ def test_a_mesh_from_jax_make_mesh_with_explicit_axes_merges_as_unsharded(method
     got = merge_params(trees, method=method, density=0.4, key=key, mesh=mesh)["w"]
     expected = merge_params(trees, method=method, density=0.4, key=key)["w"]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
-    assert got.sharding.mesh.axis_names == ("x",) and got.sharding.mesh.axis_types == (AxisType.Auto,)
+    assert got.sharding.mesh == mesh and got.sharding.mesh.axis_types == (AxisType.Explicit,)

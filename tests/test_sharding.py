@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -103,3 +104,28 @@ def test_arrays_on_an_explicit_mesh_merge_and_stay_on_it(call):
     np.testing.assert_array_equal(np.asarray(merged), np.asarray(call(host)))
     assert merged.sharding.mesh == mesh  # usable beside the caller's other arrays
     assert (merged + sharded[0]).sharding.mesh == mesh
+
+
+def test_explicit_mesh_arrays_under_jit_and_grad_and_through_merge_params():
+    """Under jit and grad the arguments are tracers, which keep their mesh: the kernels see one mesh, as
+    before the conversion existed; merge_params(mesh=explicit) returns leaves on the caller's mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((1,), ("x",))
+    rng = np.random.default_rng(1)
+    host = [rng.standard_normal((16, 8)).astype(np.float32) for _ in range(3)]
+    sharded = [jax.device_put(x, NamedSharding(mesh, PartitionSpec("x"))) for x in host]
+    weights = jnp.asarray([1.0, 0.5, -0.7])
+    expected = np.asarray(jaxmerge.task_arithmetic(host, [1.0, 0.5, -0.7]))
+
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda w: jaxmerge.task_arithmetic(sharded, w))(weights)), expected,
+                               rtol=1e-6)
+    grad = jax.grad(lambda w: jnp.sum(jaxmerge.task_arithmetic(sharded, w) * sharded[0]))(weights)
+    np.testing.assert_allclose(np.asarray(grad), [np.sum(x * host[0]) for x in host], rtol=1e-5)
+
+    base = {"w": sharded[0]}
+    merged = jaxmerge.merge_params([{"w": x} for x in sharded[1:]], [1.0, 0.5], method="task_arithmetic",
+                                   base=base, mesh=mesh)
+    assert merged["w"].sharding.mesh == mesh
+    np.testing.assert_allclose(np.asarray(merged["w"] - base["w"]),
+                               (host[1] - host[0]) + 0.5 * (host[2] - host[0]), rtol=1e-5, atol=1e-6)

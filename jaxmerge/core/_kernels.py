@@ -31,9 +31,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding
 
-from jaxmerge.core.sharding import auto_axes
+from jaxmerge.core.sharding import auto_axes, explicit_mesh, onto_mesh
 
 _AHEAD = contextvars.ContextVar("jaxmerge_compiling_ahead", default=False)
 
@@ -64,11 +63,11 @@ class Kernel:
         functools.update_wrapper(self, jitted)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        explicit = _explicit_mesh(jax.tree_util.tree_leaves((args, kwargs)))
+        explicit = explicit_mesh(jax.tree_util.tree_leaves((args, kwargs)))
         if explicit is not None:
             # Sorts and reductions over sharded axes have no sharding rule on explicit axes: run on auto ones.
-            args, kwargs = _on_mesh((args, kwargs), auto_axes(explicit))
-            return _on_mesh(self(*args, **kwargs), explicit)
+            args, kwargs = onto_mesh((args, kwargs), auto_axes(explicit))
+            return onto_mesh(self(*args, **kwargs), explicit)
         if not _AHEAD.get():
             return self._jitted(*args, **kwargs)
         # Kernels called inside this one are part of its executable: only the outermost compiles.
@@ -85,28 +84,6 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"kernel({self._jitted!r})"
-
-
-def _explicit_mesh(leaves: list[Any]) -> Mesh | None:
-    """The mesh of the first concrete array sharded on explicit axes, or None."""
-    for leaf in leaves:
-        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-            sharding = leaf.sharding
-            if isinstance(sharding, NamedSharding) and AxisType.Explicit in sharding.mesh.axis_types:
-                return sharding.mesh
-    return None
-
-
-def _on_mesh(tree: Any, mesh: Mesh) -> Any:
-    """Every array of `tree` sharded on another mesh of the same shape moved to `mesh`, with the same spec."""
-    def move(leaf: Any) -> Any:
-        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-            sharding = leaf.sharding
-            if isinstance(sharding, NamedSharding) and sharding.mesh != mesh and sharding.mesh.shape == mesh.shape:
-                return jax.device_put(leaf, NamedSharding(mesh, sharding.spec))
-        return leaf
-
-    return jax.tree_util.tree_map(move, tree)
 
 
 def kernel(fn: Callable[..., Any] | None = None, /, **jit_options: Any):

@@ -15,6 +15,8 @@ shards, and the same program runs everywhere.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -43,6 +45,40 @@ def auto_axes(mesh: Mesh) -> Mesh:
     if all(t == AxisType.Auto for t in mesh.axis_types):
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def explicit_mesh(leaves: list[Any]) -> Mesh | None:
+    """The mesh of the first array sharded on explicit axes; None when there is none or when tracing.
+
+    Under a transformation (`jax.jit`, `jax.grad`) some arguments are tracers whose mesh is part of
+    their type: moving only the concrete ones would leave the call with two meshes, so nothing moves.
+    """
+    mesh = None
+    for leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if mesh is None and isinstance(leaf, jax.Array):
+            sharding = leaf.sharding
+            if isinstance(sharding, NamedSharding) and AxisType.Explicit in sharding.mesh.axis_types:
+                mesh = sharding.mesh
+    return mesh
+
+
+def onto_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Every array of `tree` on `mesh`'s devices and axes, but other axis types, moved to `mesh` (same spec).
+
+    Arrays on other devices stay where they are (and a kernel refuses them, as it would have);
+    tracers stay too (their mesh is part of their type).
+    """
+    def move(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            sharding = leaf.sharding
+            if (isinstance(sharding, NamedSharding) and sharding.mesh != mesh
+                    and auto_axes(sharding.mesh) == auto_axes(mesh)):
+                return jax.device_put(leaf, NamedSharding(mesh, sharding.spec))
+        return leaf
+
+    return jax.tree_util.tree_map(move, tree)
 
 
 def leaf_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.core import _validation as v
-from jaxmerge.core.sharding import shard
+from jaxmerge.core.sharding import onto_mesh, shard
 from jaxmerge.methods import _table as table
 
 
@@ -98,9 +98,13 @@ def merge_leaf(
     if base is not None and spec.base is not table.BasePolicy.IGNORED:
         inputs = [shard(jnp.asarray(base), mesh), *inputs]
         base_index = 0
+    merged = table.merge_tensor(spec, inputs, base_index, bound, key=key)
+    if mesh is None:
+        return merged
     # XLA may lay out a result replicated when it comes from whole-tensor reductions (slerp's norms,
-    # Karcher's and Model Stock's means): every device would then hold all of it.
-    return shard(table.merge_tensor(spec, inputs, base_index, bound, key=key), mesh)
+    # Karcher's and Model Stock's means): every device would then hold all of it. The inputs ran on
+    # the mesh's auto-axes twin (`shard`); the result goes back on the caller's own mesh.
+    return onto_mesh(shard(merged, mesh), mesh)
 
 
 def merge_params(
