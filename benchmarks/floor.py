@@ -1,7 +1,7 @@
 """The I/O floor of a merge: read every input once, write one output-sized file, fsync included.
 
 A merge cannot do less I/O than this. The output is written the way
-`jaxmerge merge` writes its shards (`jaxmerge.io.safetensors_io.StreamedFile`:
+`jaxmerge merge` writes its shards (`jaxmerge.formats.safetensors_io.StreamedFile`:
 write-back as it goes, pages recycled), so the floor is not slower than the
 writer it bounds. `io_floor_in_child` runs it in a child process: the
 benchmarks' parents stay free of JAX, whose memory a later child's peak RSS
@@ -25,7 +25,7 @@ def io_floor(inputs: list[Path], out: Path) -> float:
     One reused 64 MB buffer (`readinto`): no allocation per block, so this is the
     I/O alone (page-cache copies and the disk's write-back), not Python's allocator.
     """
-    from jaxmerge.io.safetensors_io import StreamedFile
+    from jaxmerge.formats.safetensors_io import StreamedFile
 
     buf = bytearray(64 << 20)
     view = memoryview(buf)

@@ -7,7 +7,7 @@ nested like a Flax NNX state: `layer{i}/kernel/value`), then runs, each in its
 own child process, and reports the child's peak RSS (`os.wait4` ru_maxrss) and
 wall time:
 
-* streamed: `jaxmerge.io.orbax.merge_orbax` with ties (density 0.2);
+* streamed: `jaxmerge.engine.orbax.merge_orbax` with ties (density 0.2);
 * restore: `StandardCheckpointer().restore` of the three checkpoints whole,
   nothing else (the least a merge that loads whole models needs);
 * in memory: restore whole, `jaxmerge.merge_params` (ties, density 0.2), save
@@ -63,7 +63,7 @@ def _child(mode: str, root: Path, gb: float) -> None:
     inputs = [(root / f"model{i}").absolute() for i in range(3)]
     out = (root / "merged").absolute()
     if mode == "streamed":
-        from jaxmerge.io.orbax import merge_orbax
+        from jaxmerge.engine.orbax import merge_orbax
 
         merge_orbax(inputs, out, method="ties", density=0.2)
         return

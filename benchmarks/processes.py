@@ -9,7 +9,7 @@ fine-tunes), writes its recipe, and runs, taking turns round by round:
 * `jaxmerge merge` alone;
 * the same command in two processes on 127.0.0.1 (`--coordinator`,
   `--num-processes 2`, `--process-id`), each merging and writing its share
-  of the output shards (`jaxmerge.io.distributed`).
+  of the output shards (`jaxmerge.engine.distributed`).
 
 Both use one persistent compilation cache, warmed before the rounds, so the
 figures compare the merging itself rather than compilation (every process of

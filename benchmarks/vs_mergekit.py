@@ -13,7 +13,7 @@ stretches, and other jobs may share its cores):
 * mergekit-yaml (CPU);
 * `jaxmerge merge` on the same recipe without a compilation cache (every run
   compiles: JAXMERGE_COMPILE_CACHE=0), and with a persistent compilation cache
-  warmed by an earlier run (`jaxmerge.io.compile_cache`);
+  warmed by an earlier run (`jaxmerge.engine.compile_cache`);
 * with `--baseline DIR`, `jaxmerge merge` from another source tree (e.g.
   `git archive <commit> jaxmerge | tar -x -C DIR`), without a cache: the
   version before a change, in the same rounds.
@@ -213,8 +213,8 @@ def run_jaxmerge(recipe: Path, out: Path, env: dict, profile_file: Path) -> tupl
 _IN_PROCESS = textwrap.dedent(
     """
     import json, os, sys
-    from jaxmerge.io.recipe import load_recipe
-    from jaxmerge.io.recipe_plan import merge_recipe
+    from jaxmerge.recipes.schema import load_recipe
+    from jaxmerge.recipes.plan import merge_recipe
     recipe, out, reps, depths = load_recipe(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
     results = {d: [] for d in depths}
     for rep in range(reps + 1):  # the first merge of each depth is a warm-up (compilation)

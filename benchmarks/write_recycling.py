@@ -38,7 +38,7 @@ MODES = {"keep": -1, "recycle": None}
 
 def write_once(path: Path, mode: str, tensor_bytes: int, tensors: int) -> float:
     """Write the file in this process; return the writer's seconds (header to fsync)."""
-    from jaxmerge.io.safetensors_io import ShardWriter, TensorInfo
+    from jaxmerge.formats.safetensors_io import ShardWriter, TensorInfo
 
     data = np.arange(tensor_bytes // 4, dtype=np.float32)  # touched before the clock starts, like a merge result
     infos = [TensorInfo(f"t{i}", data.shape, "F32") for i in range(tensors)]

@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
-from jaxmerge.io.adapters import merge_lora
-from jaxmerge.io.safetensors_io import Checkpoint, CheckpointError
+from jaxmerge.tools.adapters import merge_lora
+from jaxmerge.formats.safetensors_io import Checkpoint, CheckpointError
 
 DETERMINISTIC = ["linear", "cat", "svd", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd"]
 RANDOM = ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"]

@@ -15,9 +15,9 @@ from safetensors.numpy import save_file
 
 import jaxmerge
 from tiny_models import write_safetensors_models
-from jaxmerge.io.checkpoints import merge_checkpoints
+from jaxmerge.engine.stream import merge_checkpoints
 from jaxmerge.methods.pytree import path_key
-from jaxmerge.io.safetensors_io import Checkpoint
+from jaxmerge.formats.safetensors_io import Checkpoint
 
 
 def write_models(root, n=3, seed=0, shapes=None, dtype=np.float32):
@@ -229,8 +229,8 @@ def test_written_pages_are_dropped_from_the_page_cache_once_on_disk(tmp_path, mo
     the file reads back the same. With recycle_lag=-1 every page stays (what the assertions tell apart)."""
     import os
 
-    from jaxmerge.io import safetensors_io
-    from jaxmerge.io.safetensors_io import ShardWriter, TensorInfo
+    from jaxmerge.formats import safetensors_io
+    from jaxmerge.formats.safetensors_io import ShardWriter, TensorInfo
 
     if safetensors_io._sync_file_range is None:
         pytest.skip("no sync_file_range here (not Linux): the writer keeps its pages")

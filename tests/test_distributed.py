@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxmerge.io.distributed import assign_shards
+from jaxmerge.engine.distributed import assign_shards
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 

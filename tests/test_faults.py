@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxmerge.io import _atomic, safetensors_io
-from jaxmerge.io._atomic import atomic_directory
-from jaxmerge.io.adapters import load_adapter
-from jaxmerge.io.safetensors_io import Checkpoint, CheckpointError
+from jaxmerge.engine import _atomic
+from jaxmerge.formats import safetensors_io
+from jaxmerge.engine._atomic import atomic_directory
+from jaxmerge.tools.adapters import load_adapter
+from jaxmerge.formats.safetensors_io import Checkpoint, CheckpointError
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
 
@@ -163,7 +164,7 @@ _RACER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from jaxmerge.io import _atomic
+    from jaxmerge.engine import _atomic
     out, go, me, portable = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     if portable:
         _atomic._renameat2 = None
@@ -289,7 +290,7 @@ def test_float16_overflow_stops_the_merge_unless_allowed(tmp_path):
     assert not out.exists() and leftovers(tmp_path) == []
     result = cli(*models, "--method", "task_arithmetic", "--output", out, "--allow-nonfinite")
     assert result.returncode == 0, result.stderr
-    from jaxmerge.io.safetensors_io import Checkpoint
+    from jaxmerge.formats.safetensors_io import Checkpoint
 
     assert np.isinf(Checkpoint(out).read("w")).all()
 
@@ -334,7 +335,7 @@ _KILLED = textwrap.dedent(
     """
     import os, signal, sys, time
     from pathlib import Path
-    from jaxmerge.io._atomic import atomic_directory
+    from jaxmerge.engine._atomic import atomic_directory
     with atomic_directory(Path(sys.argv[1])) as tmp:
         (tmp / "half").write_bytes(b"x" * 1000)
         if sys.argv[2] == "kill":
@@ -385,7 +386,7 @@ def _merge_with_sigterm(tmp_path, patch: str) -> str:
 def test_sigterm_says_what_was_interrupted_and_exits_143(tmp_path):
     line = _merge_with_sigterm(tmp_path, """
         import os, signal, sys
-        from jaxmerge.io import safetensors_io
+        from jaxmerge.formats import safetensors_io
         write = safetensors_io.ShardWriter.write
         def write_then_term(self, name, array):
             write(self, name, array)
@@ -398,7 +399,7 @@ def test_sigterm_says_what_was_interrupted_and_exits_143(tmp_path):
 def test_sigterm_while_planning_says_nothing_was_written(tmp_path):
     line = _merge_with_sigterm(tmp_path, """
         import os, signal, sys, time
-        from jaxmerge.io import recipe_plan
+        from jaxmerge.recipes import plan as recipe_plan
         init = recipe_plan.RecipePlanner.__init__
         def init_then_term(self, recipe):
             init(self, recipe)

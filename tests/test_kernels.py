@@ -1,4 +1,4 @@
-"""Kernels compiled ahead of their inputs (`jaxmerge.core._kernels`) and the thread that does it (`jaxmerge.io._ahead`)."""
+"""Kernels compiled ahead of their inputs (`jaxmerge.core._kernels`) and the thread that does it (`jaxmerge.engine._ahead`)."""
 
 import threading
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxmerge.core._kernels import compiling_ahead, kernel
-from jaxmerge.io._ahead import THREAD_NAME, AheadCompiler
+from jaxmerge.engine._ahead import THREAD_NAME, AheadCompiler
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of Flax NNX models, merged from disk leaf by leaf (`jaxmerge.io.orbax`).
+"""Orbax checkpoints of Flax NNX models, merged from disk leaf by leaf (`jaxmerge.engine.orbax`).
 
 The oracle is `jaxmerge.merge_params` on the same trees held in memory: the
 streamed merge must give the same bits, restore into the NNX model and run.
@@ -22,9 +22,9 @@ ocp = pytest.importorskip("orbax.checkpoint")
 nnx = pytest.importorskip("flax.nnx")
 
 from jaxmerge import merge_params  # noqa: E402
-from jaxmerge.io import orbax as jo  # noqa: E402
-from jaxmerge.io.orbax import OrbaxCheckpoint, is_orbax_checkpoint, merge_orbax  # noqa: E402
-from jaxmerge.io.safetensors_io import CheckpointError  # noqa: E402
+from jaxmerge.engine import orbax as jo  # noqa: E402
+from jaxmerge.engine.orbax import OrbaxCheckpoint, is_orbax_checkpoint, merge_orbax  # noqa: E402
+from jaxmerge.formats.safetensors_io import CheckpointError  # noqa: E402
 from jaxmerge.methods._table import MethodError  # noqa: E402
 
 WEIGHTS = [0.5, 0.3, 0.7]
@@ -172,7 +172,7 @@ def test_sharded_merge_restores_onto_the_mesh_and_saves_sharded(models, tmp_path
         import sys
         import jax, numpy as np, orbax.checkpoint as ocp
         from jaxmerge.core.sharding import leaf_sharding, make_mesh
-        from jaxmerge.io.orbax import OrbaxCheckpoint, merge_orbax
+        from jaxmerge.engine.orbax import OrbaxCheckpoint, merge_orbax
 
         base, out1, out4, *inputs = sys.argv[1:]
         assert len(jax.devices()) == 4

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jaxmerge.io._pipeline import PhaseProfile, run_ordered
-from jaxmerge.io.checkpoints import machine_depth, merge_checkpoints
-from jaxmerge.io.compile_cache import default_cache_dir
-from jaxmerge.io.safetensors_io import Checkpoint, CheckpointError
+from jaxmerge.engine._pipeline import PhaseProfile, run_ordered
+from jaxmerge.engine.stream import machine_depth, merge_checkpoints
+from jaxmerge.engine.compile_cache import default_cache_dir
+from jaxmerge.formats.safetensors_io import Checkpoint, CheckpointError
 from tiny_models import write_safetensors_models
 
 SHAPES = {"embed.weight": (50, 16), "layers.0.w": (16, 16), "layers.0.b": (16,), "layers.1.w": (16, 16), "head": (50, 16)}
@@ -151,7 +151,7 @@ def test_profile_is_returned_and_written(tmp_path, monkeypatch):
 
 def test_machine_depth_overlaps_only_with_a_spare_core(monkeypatch):
     """On XLA:CPU with 2 cores the merge is serial (no gain measured, less memory); with more it overlaps."""
-    import jaxmerge.io.checkpoints as checkpoints
+    import jaxmerge.engine.stream as checkpoints
 
     monkeypatch.setattr(checkpoints.jax, "default_backend", lambda: "cpu")
     monkeypatch.setattr(checkpoints.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
@@ -226,9 +226,9 @@ def test_input_truncated_after_planning_names_file_and_tensor(tmp_path, monkeypa
 _CACHED_MERGE = textwrap.dedent(
     """
     import json, sys
-    from jaxmerge.io.compile_cache import enable_compile_cache
+    from jaxmerge.engine.compile_cache import enable_compile_cache
     where = enable_compile_cache(sys.argv[1])
-    from jaxmerge.io.checkpoints import merge_checkpoints
+    from jaxmerge.engine.stream import merge_checkpoints
     plan = merge_checkpoints(sys.argv[3:], sys.argv[2], method="ties", density=0.5, progress=False, force=True)
     print(json.dumps({"dir": str(where) if where else None, **plan.profile}))
     """
@@ -319,13 +319,13 @@ def test_tensors_of_one_size_share_a_kernel_and_merge_as_in_their_own_shape(tmp_
 
 
 def test_merge_kernels_are_compiled_ahead_in_their_own_thread(tmp_path, caplog):
-    """Every kernel of a checkpoint merge is compiled by the background thread (`jaxmerge.io._ahead`)
+    """Every kernel of a checkpoint merge is compiled by the background thread (`jaxmerge.engine._ahead`)
     before its tensor is dispatched: the dispatching thread compiles none, and the output is unchanged."""
     import logging
 
     import jax
 
-    from jaxmerge.io._ahead import THREAD_NAME
+    from jaxmerge.engine._ahead import THREAD_NAME
 
     # Sizes no other test uses (their flat sizes have no row view), so that every kernel compiles here.
     shapes = {"a": (53, 59), "b": (59, 61), "norm": (61,)}

@@ -41,7 +41,7 @@ def test_cli_devices_flag_gives_the_single_device_result(tmp_path):
         cmd = [sys.executable, "-m", "jaxmerge", "merge", *inputs, "--method", "dare_ties", "--density", "0.3", "--devices", devices, "--output", str(out), "--quiet"]
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr
-        from jaxmerge.io.safetensors_io import Checkpoint
+        from jaxmerge.formats.safetensors_io import Checkpoint
 
         ckpt = Checkpoint(out)
         outputs[devices] = {n: ckpt.read(n) for n in ckpt.tensors}

@@ -141,7 +141,7 @@ def run_mergekit(jobs: list[tuple[Path, Path]], cwd: Path) -> None:
 
 def read_dir(directory: Path) -> dict[str, np.ndarray]:
     """Every tensor of a model directory (float32 NumPy; bfloat16 widened)."""
-    from jaxmerge.io.safetensors_io import Checkpoint
+    from jaxmerge.formats.safetensors_io import Checkpoint
 
     c = Checkpoint(directory)
     return {name: np.asarray(c.read(name)).astype(np.float32) for name in c.tensors}

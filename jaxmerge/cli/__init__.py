@@ -7,6 +7,7 @@ import atexit
 import os
 import re
 import sys
+import warnings
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -50,9 +51,9 @@ _RECIPE_FLAGS = ("method", "weights", "density", "base", "majority_sign_method",
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from jaxmerge.io._atomic import sigterm_before_writing
-    from jaxmerge.io.compile_cache import enable_compile_cache
-    from jaxmerge.io.safetensors_io import CheckpointError
+    from jaxmerge.engine._atomic import sigterm_before_writing
+    from jaxmerge.engine.compile_cache import enable_compile_cache
+    from jaxmerge.formats.safetensors_io import CheckpointError
 
     # Before any JAX work: later runs load the merge kernels instead of compiling them
     # (~/.cache/jaxmerge/xla; JAXMERGE_COMPILE_CACHE=0 turns it off).
@@ -60,6 +61,10 @@ def _merge(args: argparse.Namespace) -> int:
 
     group = None
     try:
+        # Warnings (a recipe's ignored parameters, a density that prunes nothing) are one line each.
+        warnings.showwarning = _one_line_warning
+        if args.density is not None and args.density >= 1:
+            warnings.warn(f"--density {args.density:g} is 1 or more: nothing is pruned", UserWarning, stacklevel=1)
         # SIGTERM while planning (opening checkpoints, resolving Hub ids) says so in one line;
         # atomic_directory takes over while the output is written.
         with sigterm_before_writing(args.output or "the output"):
@@ -72,22 +77,26 @@ def _merge(args: argparse.Namespace) -> int:
         return 2
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"jaxmerge merge: warning: {message}", file=sys.stderr)
+
+
 def _merge_checked(args: argparse.Namespace, group: _Group | None) -> int:
     """The merge command's work; errors are raised for `_merge` to print."""
     from pathlib import Path
 
-    from jaxmerge.io.adapters import COMBINATION_TYPES, merge_lora
-    from jaxmerge.io.orbax_recipe import merge_orbax_recipe, plan_orbax_recipe, uses_orbax
-    from jaxmerge.io.recipe import load_recipe, recipe_from_flags
-    from jaxmerge.io.recipe_plan import merge_recipe, plan_recipe
-    from jaxmerge.io.safetensors_io import CheckpointError
+    from jaxmerge.tools.adapters import COMBINATION_TYPES, merge_lora
+    from jaxmerge.recipes.orbax import merge_orbax_recipe, plan_orbax_recipe, uses_orbax
+    from jaxmerge.recipes.schema import load_recipe, recipe_from_flags
+    from jaxmerge.recipes.plan import merge_recipe, plan_recipe
+    from jaxmerge.formats.safetensors_io import CheckpointError
 
     if len(args.inputs) == 1 and args.inputs[0].endswith((".yaml", ".yml")):
         for name in _RECIPE_FLAGS:
             if getattr(args, name) is not None:
                 flag = "--" + name.replace("_", "-")
                 raise CheckpointError(f"{flag} does not combine with a recipe: set it in {args.inputs[0]}")
-        recipe = load_recipe(args.inputs[0])
+        recipe = load_recipe(args.inputs[0], strict=args.strict)
     else:
         if any(p.endswith((".yaml", ".yml")) for p in args.inputs):
             raise CheckpointError("give one recipe.yml alone, or checkpoints with --method")
@@ -162,7 +171,7 @@ class _Group:
 
 def _join_group(args: argparse.Namespace) -> _Group | None:
     """With --coordinator/--num-processes/--process-id: join the merging group (None: merge alone)."""
-    from jaxmerge.io.safetensors_io import CheckpointError
+    from jaxmerge.formats.safetensors_io import CheckpointError
 
     given = [name for name in _GROUP_FLAGS if getattr(args, name) is not None]
     if not given:
@@ -172,7 +181,7 @@ def _join_group(args: argparse.Namespace) -> _Group | None:
         raise CheckpointError(f"multi-process merging needs --coordinator, --num-processes and --process-id; missing {', '.join(missing)}")
     if args.dry_run:
         raise CheckpointError("--dry-run plans in one process; leave out --coordinator, --num-processes and --process-id")
-    from jaxmerge.io import distributed
+    from jaxmerge.engine import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     processes = distributed.current()
@@ -181,7 +190,7 @@ def _join_group(args: argparse.Namespace) -> _Group | None:
 
 def _merge_adapters(args, adapters, combination_types, merge_lora) -> int:
     """PEFT LoRA adapter directories, merged as PEFT's add_weighted_adapter does."""
-    from jaxmerge.io.safetensors_io import CheckpointError
+    from jaxmerge.formats.safetensors_io import CheckpointError
 
     if not all(a.exists() for a in adapters):
         raise CheckpointError("inputs mix LoRA adapter directories and checkpoints: merge one kind at a time")
@@ -283,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
             "file or a sharded checkpoint's index JSON), Orbax checkpoint directories (the output\n"
             "is then an Orbax checkpoint) or PEFT LoRA adapter directories, merged\n"
             "with --method; or one recipe.yml in mergekit's configuration schema (see\n"
-            "jaxmerge/io/recipe.py), which sets the method and its parameters itself.\n\n"
+            "jaxmerge/recipes/schema.py), which sets the method and its parameters itself.\n\n"
             "The output appears only when complete (built in a temporary directory beside it);\n"
             "inputs are opened read-only. Model directories give a loadable model directory:\n"
             "config.json, generation_config.json, tokenizer, README.md and the recipe\n"
@@ -334,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--num-processes", type=int, help="processes in the merging group (with --coordinator)")
     merge.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1 (with --coordinator)")
     merge.add_argument("--force", action="store_true", help="replace an existing output")
+    merge.add_argument(
+        "--strict", action="store_true",
+        help="refuse what mergekit accepts and ignores (a parameter the method does not take, a slice's "
+        "residual_weight) instead of warning",
+    )
     merge.add_argument(
         "--allow-nonfinite", action="store_true",
         help="merge inputs holding NaN or inf (by default such a tensor stops the merge, naming the file and tensor)",

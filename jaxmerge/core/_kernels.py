@@ -5,7 +5,7 @@ the shapes it meets: tracing, lowering, then compiling or loading from the
 persistent compilation cache (Llama-shaped TIES: about half a second per
 shape). None of that needs the tensors' values, only their shapes and dtypes,
 so a checkpoint merge does it in a background thread while the inputs are
-read (`jaxmerge.io._ahead`): it runs a method on abstract inputs
+read (`jaxmerge.engine._ahead`): it runs a method on abstract inputs
 (`jax.eval_shape`) inside `compiling_ahead()`, where every `kernel` lowers and
 compiles itself for the abstract arguments it is called with.
 `jit(f).lower(...).compile()` fills the caches that the later call with real

@@ -16,7 +16,7 @@ a `_METADATA` file (the tree's structure) and the arrays in TensorStore (OCDBT).
   waiting for each batch's write before merging on. The result is an
   ordinary Orbax checkpoint (the files `StandardCheckpointer.save` writes),
   built in a temporary directory beside the output and renamed into place
-  when complete (`jaxmerge.io._atomic`).
+  when complete (`jaxmerge.engine._atomic`).
 
 Memory: about (sources + 6) x max(largest leaf, 32 MB) above the
 interpreter's own, whatever the number of leaves (sources: the inputs and the
@@ -50,9 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.core.sharding import leaf_sharding
-from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
-from jaxmerge.io._finite import finite_flags, raise_unless_finite
-from jaxmerge.io.safetensors_io import CheckpointError
+from jaxmerge.engine._atomic import atomic_directory, lies_inside, stop_if_terminated
+from jaxmerge.engine._finite import finite_flags, raise_unless_finite
+from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
 from jaxmerge.methods._table import MethodError
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key

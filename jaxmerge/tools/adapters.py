@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import __version__
-from jaxmerge.io._atomic import atomic_directory, lies_inside
+from jaxmerge.engine._atomic import atomic_directory, lies_inside
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
-from jaxmerge.io.safetensors_io import DTYPES, Checkpoint, CheckpointError, ShardWriter, TensorInfo
+from jaxmerge.formats.safetensors_io import DTYPES, Checkpoint, CheckpointError, ShardWriter, TensorInfo
 
 COMBINATION_TYPES = (
     "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear",

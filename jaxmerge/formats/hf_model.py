@@ -25,13 +25,13 @@ import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import yaml
 
-from jaxmerge.io.safetensors_io import CheckpointError
+from jaxmerge.formats.safetensors_io import CheckpointError
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 TOKENIZER_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "added_tokens.json",
     "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
@@ -39,7 +39,6 @@ TOKENIZER_FILES = (
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".yml", ".yaml", ".gguf")
-_LAYER = re.compile(r"(?:^|\.)(\d+)\.")
 _SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -96,60 +95,6 @@ def resolve_model(ref: str, where: str) -> ModelDir:
     return ModelDir(ref, Path(local), hub_id=repo)
 
 
-def layer_count(config: dict | None) -> int | None:
-    """The config's number of layers, or None."""
-    for key in LAYER_COUNT_KEYS:
-        value = (config or {}).get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-@dataclass(frozen=True)
-class LayerScheme:
-    """How a model numbers its layers: `prefix + str(i) + "." + rest`."""
-
-    prefix: str
-    count: int
-
-    def split(self, name: str) -> tuple[int, str] | None:
-        """(layer index, rest) of a tensor in the layers, else None."""
-        if not name.startswith(self.prefix):
-            return None
-        head, dot, rest = name[len(self.prefix):].partition(".")
-        if not dot or not head.isdigit():
-            return None
-        return int(head), rest
-
-    def name(self, index: int, rest: str) -> str:
-        return f"{self.prefix}{index}.{rest}"
-
-
-def layer_scheme(names: Iterable[str], config: dict | None, where: str) -> LayerScheme | None:
-    """Find the layer numbering of a model from its tensor names (None when it has no layers).
-
-    Raises:
-      CheckpointError: several candidate layer stacks and no config to tell them apart.
-    """
-    stacks: dict[str, set[int]] = {}
-    for name in names:
-        match = _LAYER.search(name)
-        if match:
-            stacks.setdefault(name[: match.start(1)], set()).add(int(match.group(1)))
-    contiguous = {p: len(ix) for p, ix in stacks.items() if ix == set(range(len(ix)))}
-    count = layer_count(config)
-    if count is not None:
-        candidates = [p for p, n in contiguous.items() if n == count]
-    else:
-        top = max(contiguous.values(), default=0)
-        candidates = [p for p, n in contiguous.items() if n == top and n > 1]
-    if not candidates:
-        return None
-    if len(candidates) > 1:
-        raise CheckpointError(f"{where}: cannot tell which layer stack to use: {', '.join(sorted(candidates))}")
-    return LayerScheme(candidates[0], contiguous[candidates[0]])
-
-
 def _vocabulary(directory: Path) -> str | None:
     """A fingerprint of a tokenizer's vocabulary (token -> id), or None without tokenizer files."""
     file = directory / "tokenizer.json"
@@ -189,7 +134,7 @@ def write_model_files(
     donor: ModelDir,
     tokenizer: ModelDir | None,
     dtype_code: str | None,
-    layers: list[tuple[ModelDir, int]] | None,
+    layers: dict[str | None, list[tuple[ModelDir, int]]] | None,
     card: str,
     recipe_text: str,
 ) -> None:
@@ -200,8 +145,10 @@ def write_model_files(
       donor: where config.json and generation_config.json come from.
       tokenizer: where the tokenizer files come from (None: none copied).
       dtype_code: the output's floating dtype (safetensors code) for config.json.
-      layers: for slices, each output layer's source (model, layer index): the
-        layer count, and per-layer lists such as `layer_types`, follow it.
+      layers: for slices, each layer stack's output layers by the config key of its
+        count (`num_hidden_layers`, `text_config.num_hidden_layers`; None: the
+        top-level key), each layer's source (model, layer index): the counts, and
+        per-layer lists such as `layer_types`, follow them.
       card: README.md.
       recipe_text: mergekit_config.yml.
     """
@@ -212,7 +159,7 @@ def write_model_files(
             keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
             for key in keys:
                 config[key] = name
-        if layers is not None:
+        if layers:
             _set_layers(config, layers)
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if donor.directory is not None and (donor.path / "generation_config.json").is_file():
@@ -225,20 +172,34 @@ def write_model_files(
     (out / "mergekit_config.yml").write_text(recipe_text)
 
 
-def _set_layers(config: dict, layers: list[tuple[ModelDir, int]]) -> None:
-    count = layer_count(config)
-    for key in LAYER_COUNT_KEYS:
-        if key in config:
-            config[key] = len(layers)
-            break
-    # Per-layer lists (layer_types, sliding-window patterns) follow the layers they describe.
-    for key, value in list(config.items()):
-        if isinstance(value, list) and count is not None and len(value) == count and count > 0 and key.startswith("layer"):
-            rebuilt = []
-            for model, index in layers:
-                theirs = (model.config() or {}).get(key)
-                rebuilt.append(theirs[index] if isinstance(theirs, list) and index < len(theirs) else value[min(index, count - 1)])
-            config[key] = rebuilt
+def _set_layers(config: dict, layers: dict[str | None, list[tuple[ModelDir, int]]]) -> None:
+    """Each layer stack's count, at its key (dotted for sub-configs: `text_config.num_hidden_layers`), and the
+    per-layer lists beside it (`layer_types`, sliding-window patterns) rebuilt from the layers' sources."""
+    from jaxmerge.recipes.architectures import LAYER_COUNT_KEYS  # noqa: PLC0415 - the recipe side owns layer counting
+
+    for key, sources in layers.items():
+        if key is None:  # a single stack whose count no key held as expected: the usual top-level keys
+            key = next((k for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
+            if key is None or len(layers) > 1:
+                continue
+        *path, leaf = key.split(".")
+        scope: Any = config
+        for part in path:
+            scope = scope.get(part) if isinstance(scope, dict) else None
+        if not isinstance(scope, dict):
+            continue
+        count = scope.get(leaf)
+        scope[leaf] = len(sources)
+        for name, value in list(scope.items()):
+            if isinstance(value, list) and isinstance(count, int) and len(value) == count > 0 and name.startswith("layer"):
+                rebuilt = []
+                for model, index in sources:
+                    theirs = model.config() or {}
+                    for part in path:
+                        theirs = theirs.get(part) if isinstance(theirs, dict) else None
+                    theirs = (theirs or {}).get(name)
+                    rebuilt.append(theirs[index] if isinstance(theirs, list) and index < len(theirs) else value[min(index, count - 1)])
+                scope[name] = rebuilt
 
 
 def model_card(*, method: str, paper: str, base: ModelDir | None, models: list[ModelDir], recipe_text: str, name: str) -> str:

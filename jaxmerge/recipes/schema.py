@@ -15,6 +15,7 @@ The schema is mergekit 0.1.5's `MergeConfiguration` (mergekit/config.py)::
             - {filter: self_attn, value: 0.7}
             - {filter: mlp, value: [0.3, 0.9]}
             - value: 0.5
+      - model: org/base+./my-lora       # a model with a PEFT LoRA adapter folded in
     # slices:                           # ... or slices (layer ranges, "frankenmerges")
     #   - sources:
     #       - {model: org/model-a, layer_range: [0, 16]}
@@ -22,18 +23,22 @@ The schema is mergekit 0.1.5's `MergeConfiguration` (mergekit/config.py)::
     #       - {model: org/model-b, layer_range: [8, 24], parameters: {...}}
     #     parameters: {...}             # this slice's parameters
     #     base_model: org/base          # this slice's base
+    # modules:                          # ... or one entry per layer stack (a VLM's language model and
+    #   text_decoder: {models: [...]}   #     vision tower): models or slices, and parameters, each
     parameters:                         # defaults for every model and tensor
       normalize: true
     dtype: bfloat16                     # inputs are cast to it when read
     out_dtype: bfloat16                 # the output's dtype (default: dtype)
-    tokenizer_source: base              # base or a model: its tokenizer files are copied
+    tokenizer_source: union             # union, base or a model: the output's vocabulary
+    # tokenizer: {source: union, tokens: {"<|im_start|>": {source: org/model-a, force: true}}, pad_to_multiple_of: 64}
+    chat_template: chatml               # a template name (chatml, llama3, alpaca, mistral, exaone) or Jinja text
     jaxmerge:                           # jaxmerge's own settings (all optional)
       seed: 0                           # key of the random methods (dare_*, della*)
       semantics: mergekit               # or peft: PEFT's definitions of ties/dare/magnitude_prune
       max_shard_size: 5GB
 
 Parameters are resolved per tensor as mergekit does: a model's own
-`parameters` first, then its slice's, then the top-level ones; a conditional
+`parameters` first, then its slice's, its module's, then the top-level ones; a conditional
 list whose filters all miss falls through to the next. A filter matches when it
 is a substring of the tensor's name ("*" and no filter match everything). A
 gradient `[a, b, c]` is interpolated piecewise-linearly at `t = i / (n - 1)`
@@ -42,36 +47,32 @@ the layers; lists of booleans or strings pick a value instead). Methods and
 their parameters are those of the method table; a method with a `semantics`
 parameter means "mergekit" in a recipe unless the recipe says otherwise.
 
-Model paths are relative to the working directory, as in mergekit. Not
-supported (one line naming the key): `modules`, `tokenizer`, `chat_template`,
-`tokenizer_source: union`, `residual_weight`, LoRA references `model+lora`.
-Recipes merge models; PEFT LoRA adapters are merged with flags
-(`jaxmerge merge a/ b/ --method ties --density 0.5 --output out/`).
+Model paths are relative to the working directory, as in mergekit. What
+mergekit accepts and ignores, jaxmerge accepts with a `RecipeWarning` (one
+line per parameter): a parameter the method does not take (a `weight` left in
+a slerp recipe), a slice's `residual_weight`; `strict=True` (`--strict`)
+refuses it instead. PEFT LoRA adapters on their own (no model) are merged with
+flags (`jaxmerge merge a/ b/ --method ties --density 0.5 --output out/`).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jaxmerge.io.safetensors_io import CheckpointError
+from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
 
 _TOP_KEYS = (
-    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "jaxmerge",
+    "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "chat_template", "jaxmerge",
 )
-_UNSUPPORTED = {
-    "modules": "per-module merges are not supported yet; use models or slices",
-    "tokenizer": "tokenizer building (mergekit's vocabulary union and permutation) is not supported; use tokenizer_source: base or a model",
-    "chat_template": "chat templates are not set by jaxmerge; the tokenizer files of tokenizer_source are copied as they are",
-    "residual_weight": "residual_weight is not supported",
-}
 # jaxmerge's earlier recipe keys -> the mergekit key that replaces them.
 _OLD_KEYS = {
     "method": "merge_method",
@@ -110,6 +111,16 @@ class Slice:
 
 
 @dataclass
+class Module:
+    """One entry of `modules:` (a layer stack of a multi-stack model, such as a VLM's vision tower)."""
+
+    models: list[Source] | None
+    slices: list[Slice] | None
+    parameters: dict = field(default_factory=dict)
+    where: str = ""
+
+
+@dataclass
 class Recipe:
     """A checked recipe (mergekit's schema plus the `jaxmerge:` settings)."""
 
@@ -120,7 +131,10 @@ class Recipe:
     parameters: dict = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
+    modules: dict[str, Module] | None = None
     tokenizer_source: str | None = None
+    tokenizer: dict | None = None  # mergekit's `tokenizer:` {source, tokens, pad_to_multiple_of}
+    chat_template: str | None = None  # a template name or Jinja text
     seed: int = 0
     max_shard_size: str = "5GB"
     path: Path | None = None  # the recipe file (None: built from command-line flags)
@@ -131,7 +145,14 @@ class Recipe:
         return str(self.path) if self.path else "command line"
 
     def sources(self) -> list[Source]:
-        return list(self.models or []) + [s for sl in self.slices or [] for s in sl.sources]
+        parts = [(self.models, self.slices)] + [(m.models, m.slices) for m in (self.modules or {}).values()]
+        return [s for models, slices in parts for s in (models or []) + [s for sl in slices or [] for s in sl.sources]]
+
+    def scopes(self) -> list[dict]:
+        """Every `parameters` mapping of the recipe."""
+        slices = list(self.slices or []) + [sl for m in (self.modules or {}).values() for sl in m.slices or []]
+        modules = [m.parameters for m in (self.modules or {}).values()]
+        return [self.parameters, *modules, *(s.parameters for s in self.sources()), *(sl.parameters for sl in slices)]
 
     def to_yaml(self) -> str:
         """The recipe in mergekit's schema (for recipes built from flags)."""
@@ -157,8 +178,11 @@ class Recipe:
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, *, strict: bool = False) -> Recipe:
     """Read and check a recipe file: one line naming the file and key on any error.
+
+    What mergekit accepts and ignores (a parameter the method does not take) is
+    accepted with a `RecipeWarning`, or refused with `strict=True`.
 
     Raises:
       CheckpointError: unreadable or malformed YAML (file, line, column), an
@@ -178,18 +202,26 @@ def load_recipe(path: str | Path) -> Recipe:
         raise CheckpointError(f"{path}{at}: malformed YAML: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise CheckpointError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
-    return parse_recipe(data, where=str(path), path=path, text=text)
+    return parse_recipe(data, where=str(path), path=path, text=text, strict=strict)
 
 
-def parse_recipe(data: Any, *, where: str, path: Path | None = None, text: str | None = None) -> Recipe:
-    """Check a recipe's parsed YAML (see the module docstring)."""
+def parse_recipe(
+    data: Any, *, where: str, path: Path | None = None, text: str | None = None, strict: bool = False
+) -> Recipe:
+    """Check a recipe's parsed YAML (see the module docstring).
+
+    Args:
+      data: the parsed YAML.
+      where: names the recipe in errors (its file).
+      path, text: the recipe file and its text, kept with the recipe.
+      strict: refuse what mergekit accepts but ignores (a parameter the method does not take,
+        `residual_weight`) instead of warning (`RecipeWarning`).
+    """
     if not isinstance(data, dict):
-        raise CheckpointError(f"{where}: a recipe is a mapping with merge_method and models (or slices)")
+        raise CheckpointError(f"{where}: a recipe is a mapping with merge_method and models (or slices, or modules)")
     for key in data:
         if key in _OLD_KEYS and key not in _TOP_KEYS:
             raise CheckpointError(f"{where}: {key} is jaxmerge's old recipe format; mergekit's key is {_OLD_KEYS[key]}")
-        if key in _UNSUPPORTED:
-            raise CheckpointError(f"{where}: {key}: {_UNSUPPORTED[key]}")
         if key not in _TOP_KEYS:
             raise CheckpointError(f"{where}: unknown key {key!r} (mergekit's keys: {', '.join(_TOP_KEYS)})")
     if "merge_method" not in data:
@@ -201,36 +233,41 @@ def parse_recipe(data: Any, *, where: str, path: Path | None = None, text: str |
         method = table.get(name)
     except table.MethodError as err:
         raise table.MethodError(f"{where}: merge_method: {err}") from None
-    if ("models" in data) == ("slices" in data):
-        raise CheckpointError(f"{where}: give exactly one of models and slices")
+    if sum(key in data for key in ("models", "slices", "modules")) != 1:
+        raise CheckpointError(f"{where}: give exactly one of models, slices and modules")
+    parser = _Parser(method, where, strict)
     recipe = Recipe(merge_method=name, path=path, text=text)
     recipe.base_model = _model_ref(data.get("base_model"), f"{where}: base_model", optional=True)
-    recipe.parameters = _settings(data.get("parameters"), method, f"{where}: parameters")
-    if "models" in data:
-        models = data["models"]
-        if not isinstance(models, list) or not models:
-            raise CheckpointError(f"{where}: models must be a non-empty list of {{model, parameters}}")
-        recipe.models = [_source(m, method, where, f"models[{i}]", slice_source=False) for i, m in enumerate(models)]
+    recipe.parameters = parser.settings(data.get("parameters"), "parameters")
+    if "modules" in data:
+        modules = data["modules"]
+        if not isinstance(modules, dict) or not modules:
+            raise CheckpointError(f"{where}: modules must map module names to {{models or slices, parameters}}")
+        recipe.modules = {str(k): parser.module(v, f"modules.{k}") for k, v in modules.items()}
     else:
-        slices = data["slices"]
-        if not isinstance(slices, list) or not slices:
-            raise CheckpointError(f"{where}: slices must be a non-empty list of {{sources, parameters}}")
-        recipe.slices = [_slice(s, method, where, f"slices[{i}]") for i, s in enumerate(slices)]
+        recipe.models, recipe.slices = parser.models_or_slices(data, "")
     for key in ("dtype", "out_dtype"):
         value = data.get(key)
         if value is not None:
-            from jaxmerge.io.checkpoints import DTYPE_NAMES
+            from jaxmerge.engine.stream import DTYPE_NAMES
 
             if not isinstance(value, str) or value.removeprefix("torch.") not in DTYPE_NAMES:
                 raise CheckpointError(f"{where}: {key} must be one of {', '.join(DTYPE_NAMES)}, got {value!r}")
             setattr(recipe, key, value.removeprefix("torch."))
+    if "tokenizer_source" in data and "tokenizer" in data:
+        raise CheckpointError(f"{where}: give tokenizer_source or tokenizer, not both (as mergekit)")
     source = data.get("tokenizer_source")
-    if source == "union":
-        raise CheckpointError(f"{where}: tokenizer_source: union (mergekit's merged vocabulary) is not supported; use base or a model")
     if isinstance(source, dict):
-        raise CheckpointError(f"{where}: tokenizer_source: a tokenizer configuration is not supported; use base or a model")
+        raise CheckpointError(f"{where}: tokenizer_source is union, base or a model; a configuration goes under tokenizer:")
     recipe.tokenizer_source = _model_ref(source, f"{where}: tokenizer_source", optional=True)
+    if "tokenizer" in data:
+        recipe.tokenizer = _tokenizer(data["tokenizer"], f"{where}: tokenizer")
+    template = data.get("chat_template")
+    if template is not None and (not isinstance(template, str) or not template.strip()):
+        raise CheckpointError(f"{where}: chat_template must be a template name (chatml, llama3, ...) or Jinja text, got {template!r}")
+    recipe.chat_template = template
     _extras(recipe, data.get("jaxmerge"), method, where)
+    parser.unused.warn()
     return recipe
 
 
@@ -273,65 +310,180 @@ def _model_ref(value: Any, where: str, *, optional: bool = False) -> str | None:
     return value
 
 
-def _source(data: Any, method: table.Method, file: str, where: str, *, slice_source: bool) -> Source:
-    allowed = ("model", "parameters", "layer_range") if slice_source else ("model", "parameters")
+def _tokenizer(data: Any, where: str) -> dict:
+    """mergekit's `tokenizer:` (TokenizerConfig): source, tokens, pad_to_multiple_of; token entries are
+    checked against the models when the vocabulary is built (`jaxmerge.recipes.tokenizer`)."""
     if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: {where} must be a mapping with {' and '.join(allowed)}, got {data!r}")
+        raise CheckpointError(f"{where} must be a mapping of source, tokens, pad_to_multiple_of, got {data!r}")
     for key in data:
-        if key in _OLD_KEYS and key not in allowed:
-            raise CheckpointError(f"{file}: {where}.{key} is jaxmerge's old recipe format; mergekit's key is {_OLD_KEYS[key]}")
-        if key not in allowed:
-            raise CheckpointError(f"{file}: {where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
-    model = _model_ref(data.get("model"), f"{file}: {where}.model")
-    if "+" in model and not Path(model).exists():
-        raise CheckpointError(f"{file}: {where}.model: LoRA references (model+lora) are not supported; merge the adapter into the model first")
-    layer_range = None
-    if slice_source:
-        value = data.get("layer_range")
-        if (
-            not isinstance(value, list) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
-            or not 0 <= value[0] < value[1]
-        ):
-            raise CheckpointError(f"{file}: {where}.layer_range must be [start, end] with 0 <= start < end, got {value!r}")
-        layer_range = (value[0], value[1])
-    parameters = _settings(data.get("parameters"), method, f"{file}: {where}.parameters")
-    return Source(model=model, parameters=parameters, layer_range=layer_range, where=where)
-
-
-def _slice(data: Any, method: table.Method, file: str, where: str) -> Slice:
-    allowed = ("sources", "parameters", "base_model")
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: {where} must be a mapping with sources, got {data!r}")
-    for key in data:
-        if key in _UNSUPPORTED:
-            raise CheckpointError(f"{file}: {where}.{key}: {_UNSUPPORTED[key]}")
-        if key not in allowed:
-            raise CheckpointError(f"{file}: {where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
-    sources = data.get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise CheckpointError(f"{file}: {where}.sources must be a non-empty list of {{model, layer_range}}")
-    return Slice(
-        sources=[_source(s, method, file, f"{where}.sources[{i}]", slice_source=True) for i, s in enumerate(sources)],
-        parameters=_settings(data.get("parameters"), method, f"{file}: {where}.parameters"),
-        base_model=_model_ref(data.get("base_model"), f"{file}: {where}.base_model", optional=True),
-        where=where,
-    )
-
-
-def _settings(data: Any, method: table.Method, where: str) -> dict:
-    """Check a `parameters` mapping: known parameters, values of their type (converted)."""
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{where} must be a mapping of parameter names to values, got {data!r}")
-    out = {}
-    for name, setting in data.items():
-        if name not in method.param_names:
-            known = ", ".join(method.param_names) or "none"
-            raise table.MethodError(f"{where}.{name}: method {method.name} has no parameter {name!r} (its parameters: {known})")
-        out[name] = _setting(setting, method.param(name), f"{where}.{name}")
+        if key not in ("source", "tokens", "pad_to_multiple_of"):
+            raise CheckpointError(f"{where}: unknown key {key!r} (allowed: source, tokens, pad_to_multiple_of)")
+    out = {"source": _model_ref(data.get("source", "union"), f"{where}.source")}
+    tokens = data.get("tokens")
+    if tokens is not None and not isinstance(tokens, dict):
+        raise CheckpointError(f"{where}.tokens must map tokens to {{source, force}}, got {tokens!r}")
+    out["tokens"] = {}
+    for token, entry in (tokens or {}).items():
+        at = f"{where}.tokens[{token!r}]"
+        entry = {} if entry is None else entry
+        if not isinstance(entry, dict) or set(entry) - {"source", "force"}:
+            raise CheckpointError(f"{at} must be {{source, force}}, got {entry!r}")
+        force = entry.get("force", False)
+        if not isinstance(force, bool):
+            raise CheckpointError(f"{at}.force must be true or false, got {force!r}")
+        src = entry.get("source")
+        if isinstance(src, dict):
+            kind = src.get("kind")
+            if kind == "zero" and set(src) == {"kind"}:
+                pass
+            elif kind == "model_token" and set(src) <= {"kind", "model", "token", "token_id"}:
+                _model_ref(src.get("model"), f"{at}.source.model")
+                if ("token" in src) == ("token_id" in src):
+                    raise CheckpointError(f"{at}.source: give one of token and token_id")
+                if "token_id" in src and (isinstance(src["token_id"], bool) or not isinstance(src["token_id"], int)):
+                    raise CheckpointError(f"{at}.source.token_id must be an integer, got {src['token_id']!r}")
+            else:
+                raise CheckpointError(
+                    f"{at}.source must be a model, {{kind: zero}} or {{kind: model_token, model, token or token_id}}, got {src!r}"
+                )
+        elif src is not None:
+            _model_ref(src, f"{at}.source")
+        out["tokens"][str(token)] = {"source": src, "force": force}
+    pad = data.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise CheckpointError(f"{where}.pad_to_multiple_of must be an integer >= 1, got {pad!r}")
+    out["pad_to_multiple_of"] = pad
     return out
+
+
+class _Parser:
+    """Checks the parts of one recipe that carry parameters (models, slices, modules)."""
+
+    def __init__(self, method: table.Method, file: str, strict: bool):
+        self.method, self.file, self.strict = method, file, strict
+        self.unused = _Unused(method, file, strict)
+
+    def models_or_slices(self, data: dict, prefix: str) -> tuple[list[Source] | None, list[Slice] | None]:
+        at = f"{self.file}: {prefix}"
+        if "models" in data:
+            models = data["models"]
+            if not isinstance(models, list) or not models:
+                raise CheckpointError(f"{at}models must be a non-empty list of {{model, parameters}}")
+            return [self.source(m, f"{prefix}models[{i}]", slice_source=False) for i, m in enumerate(models)], None
+        slices = data["slices"]
+        if not isinstance(slices, list) or not slices:
+            raise CheckpointError(f"{at}slices must be a non-empty list of {{sources, parameters}}")
+        return None, [self.slice(s, f"{prefix}slices[{i}]") for i, s in enumerate(slices)]
+
+    def module(self, data: Any, where: str) -> Module:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{self.file}: {where} must be a mapping with models or slices, got {data!r}")
+        for key in data:
+            if key not in ("models", "slices", "parameters"):
+                raise CheckpointError(f"{self.file}: {where}: unknown key {key!r} (allowed: models, slices, parameters)")
+        if ("models" in data) == ("slices" in data):
+            raise CheckpointError(f"{self.file}: {where}: give exactly one of models and slices")
+        models, slices = self.models_or_slices(data, f"{where}.")
+        return Module(models, slices, self.settings(data.get("parameters"), f"{where}.parameters"), where)
+
+    def source(self, data: Any, where: str, *, slice_source: bool) -> Source:
+        file = self.file
+        allowed = ("model", "parameters", "layer_range") if slice_source else ("model", "parameters")
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{file}: {where} must be a mapping with {' and '.join(allowed)}, got {data!r}")
+        for key in data:
+            if key in _OLD_KEYS and key not in allowed:
+                raise CheckpointError(f"{file}: {where}.{key} is jaxmerge's old recipe format; mergekit's key is {_OLD_KEYS[key]}")
+            if key not in allowed:
+                raise CheckpointError(f"{file}: {where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+        model = _model_ref(data.get("model"), f"{file}: {where}.model")
+        layer_range = None
+        if slice_source:
+            value = data.get("layer_range")
+            if (
+                not isinstance(value, list) or len(value) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+                or not 0 <= value[0] < value[1]
+            ):
+                raise CheckpointError(f"{file}: {where}.layer_range must be [start, end] with 0 <= start < end, got {value!r}")
+            layer_range = (value[0], value[1])
+        parameters = self.settings(data.get("parameters"), f"{where}.parameters")
+        return Source(model=model, parameters=parameters, layer_range=layer_range, where=where)
+
+    def slice(self, data: Any, where: str) -> Slice:
+        file = self.file
+        allowed = ("sources", "parameters", "base_model", "residual_weight")
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{file}: {where} must be a mapping with sources, got {data!r}")
+        for key in data:
+            if key not in allowed:
+                raise CheckpointError(f"{file}: {where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+        if "residual_weight" in data:
+            # mergekit 0.1.5's schema has the key, and nothing reads it.
+            self.unused.ignored(f"{where}.residual_weight", "has no effect in mergekit 0.1.5")
+        sources = data.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise CheckpointError(f"{file}: {where}.sources must be a non-empty list of {{model, layer_range}}")
+        return Slice(
+            sources=[self.source(s, f"{where}.sources[{i}]", slice_source=True) for i, s in enumerate(sources)],
+            parameters=self.settings(data.get("parameters"), f"{where}.parameters"),
+            base_model=_model_ref(data.get("base_model"), f"{file}: {where}.base_model", optional=True),
+            where=where,
+        )
+
+    def settings(self, data: Any, where: str) -> dict:
+        """Check a `parameters` mapping: values of their type (converted); parameters the method does not
+        take are left out and noted (refused when strict)."""
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{self.file}: {where} must be a mapping of parameter names to values, got {data!r}")
+        out = {}
+        for name, setting in data.items():
+            if name not in self.method.param_names:
+                self.unused.note(name, f"{where}.{name}")
+                continue
+            out[name] = _setting(setting, self.method.param(name), f"{self.file}: {where}.{name}")
+        return out
+
+
+class RecipeWarning(UserWarning):
+    """A recipe is accepted as mergekit accepts it, but part of it has no effect (`strict=True` refuses it)."""
+
+
+class _Unused:
+    """What a recipe gives that has no effect: mergekit ignores parameters a method does not take
+    (recipes copied from model cards carry `weight` into slerp and the like). jaxmerge warns once per
+    parameter, or refuses the first one when strict."""
+
+    def __init__(self, method: table.Method, file: str, strict: bool):
+        self.method, self.file, self.strict = method, file, strict
+        self.places: dict[str, list[str]] = {}
+        self.others: list[str] = []
+
+    def note(self, name: str, where: str) -> None:
+        if self.strict:
+            known = ", ".join(self.method.param_names) or "none"
+            raise table.MethodError(
+                f"{self.file}: {where}: method {self.method.name} has no parameter {name!r} (its parameters: {known})"
+            )
+        self.places.setdefault(name, []).append(where)
+
+    def ignored(self, where: str, why: str) -> None:
+        if self.strict:
+            raise CheckpointError(f"{self.file}: {where} {why} (--strict refuses it)")
+        self.others.append(f"{self.file}: {where} {why}; ignored")
+
+    def warn(self) -> None:
+        lines = list(self.others)
+        for name, places in self.places.items():
+            shown = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+            lines.append(
+                f"{self.file}: method {self.method.name} takes no parameter {name!r} ({shown}); "
+                "ignored, as mergekit ignores it (--strict refuses it)"
+            )
+        for line in lines:
+            warnings.warn(line, RecipeWarning, stacklevel=3)
 
 
 def _setting(value: Any, param: table.Param, where: str) -> Any:
@@ -455,5 +607,4 @@ def uses_gradients(recipe: Recipe) -> bool:
             return any(not isinstance(v, dict) for v in setting) or any(has(v) for v in setting)
         return False
 
-    scopes = [recipe.parameters] + [s.parameters for s in recipe.sources()] + [sl.parameters for sl in recipe.slices or []]
-    return any(has(v) for scope in scopes for v in scope.values())
+    return any(has(v) for scope in recipe.scopes() for v in scope.values())

@@ -1,8 +1,8 @@
 """Recipes and command-line merges whose models are Orbax checkpoints.
 
-A recipe (`jaxmerge.io.recipe`, mergekit's schema) or `jaxmerge merge a/ b/
+A recipe (`jaxmerge.recipes.schema`, mergekit's schema) or `jaxmerge merge a/ b/
 --method ...` whose models are Orbax checkpoint directories is merged by
-`jaxmerge.io.orbax.merge_orbax`, leaf by leaf. The `models` form maps onto it
+`jaxmerge.engine.orbax.merge_orbax`, leaf by leaf. The `models` form maps onto it
 directly; each leaf's parameters are resolved as mergekit resolves a tensor's,
 with the leaf path (`['params']['dense']['kernel']`) as the tensor name that
 `filter`s match:
@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jaxmerge.io.orbax import OrbaxPlan, is_orbax_checkpoint, merge_orbax, plan_orbax
-from jaxmerge.io.recipe import Recipe, Source, resolve_setting, uses_gradients
-from jaxmerge.io.safetensors_io import CheckpointError
+from jaxmerge.engine.orbax import OrbaxPlan, is_orbax_checkpoint, merge_orbax, plan_orbax
+from jaxmerge.recipes.schema import Recipe, Source, resolve_setting, uses_gradients
+from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
 
 

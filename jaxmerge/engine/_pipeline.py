@@ -35,7 +35,7 @@ from typing import Any
 
 import jax
 
-from jaxmerge.io._ahead import THREAD_NAME as AHEAD_THREAD
+from jaxmerge.engine._ahead import THREAD_NAME as AHEAD_THREAD
 
 # JAX's compilation events (trace to jaxpr, lowering to MLIR, XLA compile or persistent-cache load).
 _COMPILE_EVENTS = (
@@ -56,7 +56,7 @@ class PhaseProfile:
       compile: tracing, lowering and compiling, or loading from the persistent
         compilation cache (JAX's own monitoring events), in the stages' threads;
       compile_ahead: the busy seconds of the background thread that prepares
-        the kernels before their inputs are read (`jaxmerge.io._ahead`), overlapped;
+        the kernels before their inputs are read (`jaxmerge.engine._ahead`), overlapped;
       compile_wait: the calling thread waiting for that thread;
       wait: waiting for merge results (writer thread): the kernels' time that
         the other phases did not hide;
@@ -93,7 +93,7 @@ class PhaseProfile:
         """Count JAX compilations (and their seconds) while the block runs, in any thread."""
         def on_duration(event: str, seconds: float, **kwargs: Any) -> None:
             if event in _COMPILE_EVENTS:
-                # The background compiler's seconds are its own phase (`jaxmerge.io._ahead`, timed there):
+                # The background compiler's seconds are its own phase (`jaxmerge.engine._ahead`, timed there):
                 # its events nest (an abstract trace holds the kernels' compilations) and would count twice.
                 if threading.current_thread().name != AHEAD_THREAD:
                     self.add("compile", seconds)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.core._kernels import kernel
-from jaxmerge.io.safetensors_io import CheckpointError
+from jaxmerge.formats.safetensors_io import CheckpointError
 
 
 @kernel

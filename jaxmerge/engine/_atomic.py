@@ -40,7 +40,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from jaxmerge.io.safetensors_io import CheckpointError
+from jaxmerge.formats.safetensors_io import CheckpointError
 
 _TMP_TAG = ".jaxmerge-tmp-"
 _OLD_TAG = ".jaxmerge-old-"

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmerge.io._atomic import _HOST, _TMP_TAG, _remove, _write_error, checked_target, make_temporary, move_into_place
-from jaxmerge.io.safetensors_io import CheckpointError
+from jaxmerge.engine._atomic import _HOST, _TMP_TAG, _remove, _write_error, checked_target, make_temporary, move_into_place
+from jaxmerge.formats.safetensors_io import CheckpointError
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -116,7 +116,7 @@ def _shared_name(target: Path, processes: Processes) -> Path:
 def shared_atomic_directory(
     target: str | os.PathLike, processes: Processes, *, force: bool = False, finalize: Callable[[Path], None] | None = None
 ) -> Iterator[Path]:
-    """`jaxmerge.io._atomic.atomic_directory` for a group: every process writes into one temporary.
+    """`jaxmerge.engine._atomic.atomic_directory` for a group: every process writes into one temporary.
 
     Every process enters and leaves together. After the block, if every
     process succeeded, process 0 calls `finalize(tmp)` (the index and the model

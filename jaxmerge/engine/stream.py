@@ -2,7 +2,7 @@
 
 Each tensor is read from every input, merged by the core
 (`jaxmerge.methods.pytree.merge_leaf`) and appended to the output shard being
-written. The three steps overlap (`jaxmerge.io._pipeline`): a reader thread
+written. The three steps overlap (`jaxmerge.engine._pipeline`): a reader thread
 reads the next tensors' inputs while JAX computes the current merge
 (dispatched asynchronously) and a writer thread writes the previous result.
 At most `depth` tensors (default: `machine_depth()`) are in flight, so peak memory stays near
@@ -14,7 +14,7 @@ for each, which tensor of which checkpoint feeds each input of the merge (the
 base first when there is one) and that tensor's parameters. Merging N
 same-shaped checkpoints is the identity layout (`identity_layout`); recipes
 with layer slices ("frankenmerges") or per-layer parameter gradients give
-other layouts (`jaxmerge.io.recipe_plan`). Everything is checked in
+other layouts (`jaxmerge.recipes.plan`). Everything is checked in
 `plan_merge` before any tensor is read.
 """
 
@@ -38,11 +38,11 @@ import numpy as np
 
 from jaxmerge import __version__
 from jaxmerge.core.selection import flat_rows_shape
-from jaxmerge.io._ahead import AheadCompiler
-from jaxmerge.io._atomic import atomic_directory, lies_inside, stop_if_terminated
-from jaxmerge.io._finite import finite_flags as _finite, raise_unless_finite
-from jaxmerge.io._pipeline import PhaseProfile, run_ordered
-from jaxmerge.io.safetensors_io import (
+from jaxmerge.engine._ahead import AheadCompiler
+from jaxmerge.engine._atomic import atomic_directory, lies_inside, stop_if_terminated
+from jaxmerge.engine._finite import finite_flags as _finite, raise_unless_finite
+from jaxmerge.engine._pipeline import PhaseProfile, run_ordered
+from jaxmerge.formats.safetensors_io import (
     ALIGN,
     DTYPES,
     FLOAT_DTYPES,
@@ -57,6 +57,7 @@ from jaxmerge.io.safetensors_io import (
     shard_names,
     write_index,
 )
+from jaxmerge.formats.sources import TensorSource, open_checkpoint
 from jaxmerge.methods._table import MethodError
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
 
@@ -206,7 +207,7 @@ def identity_layout(checkpoints: Sequence[Checkpoint], base_index: int | None = 
 
 
 def plan_merge(
-    inputs: Sequence[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike | TensorSource],
     output: str | os.PathLike,
     *,
     method: str,
@@ -259,11 +260,12 @@ def plan_merge(
                 raise CheckpointError(f"{key_name} must be one of {list(DTYPE_NAMES)}, got {name!r}")
             codes[key_name] = DTYPE_NAMES[short]
     output = Path(output)
-    sources = [Path(p) for p in inputs] + ([Path(base)] if base else [])
+    sources = list(inputs) + ([base] if base else [])
     for src in sources:
-        if lies_inside(output, src):
-            raise CheckpointError(f"output {output} lies inside input {src}: choose another --output")
-    checkpoints = [Checkpoint(p) for p in sources]
+        where = Path(src.path if isinstance(src, TensorSource) else src)
+        if lies_inside(output, where):
+            raise CheckpointError(f"output {output} lies inside input {where}: choose another --output")
+    checkpoints = [open_checkpoint(p) for p in sources]
     if layout is None:
         layout = identity_layout(checkpoints, len(inputs) if base else None)
     elif callable(layout):
@@ -277,7 +279,7 @@ def plan_merge(
     plan = MergePlan(
         inputs=[c.path for c in checkpoints[: len(inputs)]], base=base_ckpt.path if base_ckpt else None,
         output=output, method=method, params=params, seed=seed, tensors=tensors, params_for=params_for,
-        layout=layout, dtype=codes.get("dtype"), given=[str(p) for p in sources], depth=default_depth(),
+        layout=layout, dtype=codes.get("dtype"), given=[str(p.path if isinstance(p, TensorSource) else p) for p in sources], depth=default_depth(),
     )
     for entry, info in zip(layout, tensors):
         per_tensor = {**params, **(entry.params or {}), **(params_for(entry.name) if params_for else {})}
@@ -322,7 +324,7 @@ def _output_info(entry: OutputTensor, checkpoints: list[Checkpoint], codes: dict
 
 
 def merge_checkpoints(
-    inputs: Sequence[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike | TensorSource],
     output: str | os.PathLike,
     *,
     method: str,
@@ -347,7 +349,8 @@ def merge_checkpoints(
     """Merge safetensors checkpoints tensor by tensor into `output` (a directory).
 
     Args:
-      inputs: checkpoints: a .safetensors file, an index JSON, or a directory with either.
+      inputs: checkpoints: a .safetensors file, an index JSON, a directory with either, a PyTorch
+        `.bin` checkpoint, or an opened `TensorSource` (`jaxmerge.formats.sources.open_checkpoint`).
       output: the directory to create (atomically: complete or absent).
       method: any method of the table (`jaxmerge methods`).
       weights: one per input (default 1.0 each): the method's `weight`.
@@ -366,7 +369,7 @@ def merge_checkpoints(
       finish: `finish(directory, plan)` writes further files (config.json, a
         model card) into the output before it is moved into place.
       record: more entries for the recorded recipe (jaxmerge_recipe.json).
-      processes: a `jaxmerge.io.distributed.Processes` group: this process
+      processes: a `jaxmerge.engine.distributed.Processes` group: this process
         merges and writes its share of the output shards, process 0 the index
         and model files (same bytes as one process). None: merge alone.
       depth: tensors in flight at once: reading the next inputs, merging and
@@ -381,7 +384,7 @@ def merge_checkpoints(
       The executed plan. The output holds model.safetensors (or shards and an
       index) whose metadata records the recipe, the seed and the jaxmerge version.
       `plan.profile` holds the seconds of each phase (read, dispatch, compile,
-      wait, write, sync, wall; see `jaxmerge.io._pipeline.PhaseProfile`); it is
+      wait, write, sync, wall; see `jaxmerge.engine._pipeline.PhaseProfile`); it is
       logged at INFO level, and $JAXMERGE_PROFILE=1 prints it on stderr
       ($JAXMERGE_PROFILE=<file>.json writes it there as JSON).
     """
@@ -414,8 +417,8 @@ def merge_checkpoints(
     entries = {e.name: e for e in plan.layout}
     # (shard number, position in the shard, tensor): the order of the output's bytes.
     items = [(s, i, info) for s, shard in enumerate(plan.shards) for i, info in enumerate(shard)]
-    if processes is not None:  # this process writes its share of the shards (jaxmerge.io.distributed)
-        from jaxmerge.io import distributed
+    if processes is not None:  # this process writes its share of the shards (jaxmerge.engine.distributed)
+        from jaxmerge.engine import distributed
 
         owners = distributed.assign_shards([sum(t.nbytes for t in shard) for shard in plan.shards], processes.count)
         items = [item for item in items if owners[item[0]] == processes.index]
@@ -567,7 +570,7 @@ def _merge_views(plan: MergePlan, mesh) -> dict[str, tuple[int, int]]:
 def _ahead_compiler(items, signatures, entries, views, checkpoints, plan: MergePlan, key, mesh,
                     allow_nonfinite) -> AheadCompiler:
     """Compile each kernel signature's dispatch (cast, finite check, merge) on abstract inputs, in plan order,
-    in a background thread (`jaxmerge.io._ahead`).
+    in a background thread (`jaxmerge.engine._ahead`).
 
     Not with a mesh: the inputs are placed on it when read, and their shardings are part of the kernels.
     One thread: on 2 cores (measured once, with other jobs running) a second one did not shorten the

@@ -1,0 +1,44 @@
+"""What the engine reads tensors from: a `TensorSource`, and `open_checkpoint` to get one for a path.
+
+A source names its tensors with their specs up front (`tensors`) and hands
+out one tensor at a time (`read_host`), so the engine never holds more than
+the tensors it is merging. Safetensors checkpoints are sources
+(`jaxmerge.formats.safetensors_io.Checkpoint`); so are PyTorch `.bin`
+checkpoints (`jaxmerge.formats.torch_bin`), and sources derived from others
+(a LoRA adapter folded into its model's tensors, embedding rows aligned to
+a merged vocabulary) wrap the source they derive from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from jaxmerge.formats.safetensors_io import Checkpoint, TensorInfo
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """Tensors read one at a time (see the module docstring)."""
+
+    path: Path  # where errors point (a file or directory)
+    tensors: dict[str, TensorInfo]  # name -> spec, in the file's order
+
+    def read_host(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """One tensor as a NumPy array of `tensors[name]`'s shape and dtype; `into` as `Checkpoint.read_host`."""
+        ...
+
+
+def open_checkpoint(path: str | os.PathLike | TensorSource) -> TensorSource:
+    """A source for `path`: a safetensors file, index or directory, or a PyTorch `.bin` checkpoint
+    (a file, `pytorch_model.bin.index.json`, or a directory with no safetensors); an opened source as it is."""
+    if isinstance(path, TensorSource):
+        return path
+    from jaxmerge.formats import torch_bin  # noqa: PLC0415 - torch is imported only for .bin checkpoints
+
+    if torch_bin.is_torch_bin(Path(path)):
+        return torch_bin.TorchBinCheckpoint(path)
+    return Checkpoint(path)

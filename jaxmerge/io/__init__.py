@@ -1,1 +1,0 @@
-"""Model-file I/O: safetensors checkpoints, LoRA adapters, recipes, atomic outputs."""

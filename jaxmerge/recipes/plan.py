@@ -1,0 +1,364 @@
+"""Turn a recipe (`jaxmerge.recipes.schema`) into a checkpoint merge: which tensors feed which, with which parameters.
+
+This follows mergekit 0.1.5's planner (mergekit/plan.py). A model is made of
+modules (`jaxmerge.recipes.architectures`: one per layer stack of a
+vision-language or encoder-decoder model; one, `default`, for most language
+models). The `models` form merges every tensor with its namesakes, the base
+model added as one more source when it is not listed. `slices` apply to the
+one module of a single-stack model; `modules:` gives each module its own
+models or slices and parameters. Within a module a slice's layers are merged
+source by source (layer `start + i` of each), numbered on from the previous
+slice in the output; the module's other tensors come from its first slice's
+sources (embeddings) or its last slice's (final norm, LM head). Each tensor's
+parameters are resolved by `schema.evaluate_setting` at `t = i / (n - 1)` for
+the i-th of a slice's n layers (t = 1 when n = 1) and t = 0 outside the
+layers, from the most specific scope on: the source's own, its slice's, its
+module's, the recipe's; filters see the output name for shared parameters and
+the input's name for per-model ones. The merge itself is
+`jaxmerge.engine.stream.merge_checkpoints` with the layout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from jaxmerge.engine.stream import DTYPE_NAMES, MergePlan, OutputTensor, check_same_tensors, merge_checkpoints, plan_merge
+from jaxmerge.formats.hf_model import ModelDir, check_tokenizer_source, model_card, resolve_model, write_model_files
+from jaxmerge.formats.safetensors_io import CheckpointError
+from jaxmerge.formats.sources import TensorSource
+from jaxmerge.methods import _table as table
+from jaxmerge.recipes.architectures import Architecture, architecture
+from jaxmerge.recipes.schema import Recipe, RecipeWarning, Source, resolve_setting, uses_gradients
+
+# Tensors before the first layer (from the first slice's sources); the others outside the layers come after.
+_PRE = re.compile(r"(^|\.)(embed|embeddings|wte|wpe|word_embeddings|embed_in|tok_embeddings|embed_tokens|shared)(\.|$)")
+
+
+@dataclass
+class _Slice:
+    sources: list[Source]
+    models: list[int]  # each source's model index
+    parameters: dict
+    base: int | None  # model index of this slice's base, when the method takes one
+    where: str
+    module_parameters: dict | None = None  # the `modules:` entry's parameters
+
+
+class RecipePlanner:
+    """Resolve a recipe's models and build its layout (see the module docstring)."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.method = table.get(recipe.merge_method)
+        self.models: list[ModelDir] = []
+        self._index: dict[Path, int] = {}
+        file = recipe.where
+        self._key = (lambda where, k="model": f"{file}: {where}.{k}") if recipe.path else (lambda where, k="model": where)
+        self.base = self._model(recipe.base_model, f"{file}: base_model" if recipe.path else "--base") if recipe.base_model else None
+        self.slices: list[_Slice] = []  # the `models` form: one slice; `slices`: the default module's
+        self.modules: dict[str, list[_Slice]] | None = None  # the `modules` form
+        if recipe.models is not None:
+            self.slices = [self._models_slice(recipe.models, "models", None, adds_base_always=recipe.path is not None)]
+        elif recipe.slices is not None:
+            self.slices = [self._slice(sl, None) for sl in recipe.slices]
+        else:
+            self.modules = {}
+            for name, module in recipe.modules.items():
+                if module.models is not None:
+                    group = [self._models_slice(module.models, module.where, module.parameters, adds_base_always=True)]
+                else:
+                    group = [self._slice(sl, module.parameters) for sl in module.slices]
+                self.modules[name] = group
+        first = self.all_slices()[0].models[0]
+        self.donor = self.models[self.base if self.base is not None else first]
+        self.tokenizer = self._tokenizer()
+
+    def all_slices(self) -> list[_Slice]:
+        return self.slices + [sl for group in (self.modules or {}).values() for sl in group]
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def _models_slice(self, models: list[Source], where: str, module_parameters, *, adds_base_always: bool) -> _Slice:
+        indices = [self._model(s.model, self._key(s.where)) for s in models]
+        self._no_duplicates(indices, models)
+        sources = list(models)
+        ignored = self.method.base is table.BasePolicy.IGNORED
+        if self.base is not None and self.base not in indices and not (ignored and not adds_base_always):
+            # mergekit adds the base as one more source (an ordinary input for methods that ignore bases;
+            # `--base` with such a method on the command line stays ignored).
+            sources.append(Source(model=self.recipe.base_model, where="base_model"))
+            indices.append(self.base)
+        return _Slice(sources, indices, {}, self._slice_base(self.base, indices, where), where, module_parameters)
+
+    def _slice(self, sl, module_parameters) -> _Slice:
+        indices = [self._model(s.model, self._key(s.where)) for s in sl.sources]
+        self._no_duplicates(indices, sl.sources)
+        base = self._model(sl.base_model, self._key(sl.where, "base_model")) if sl.base_model else self.base
+        return _Slice(sl.sources, indices, sl.parameters, self._slice_base(base, indices, sl.where), sl.where, module_parameters)
+
+    def _model(self, ref: str, where: str) -> int:
+        model = resolve_model(ref, where)
+        if self.recipe.path and (model.path / "adapter_config.json").is_file() and not (model.path / "config.json").is_file():
+            raise CheckpointError(
+                f"{where}: {ref} is a LoRA adapter; give it with its model (model: base_dir+{ref}), "
+                "or merge adapters with flags (jaxmerge merge a/ b/ --method ties --output out/)"
+            )
+        key = model.path.resolve()
+        if key not in self._index:
+            self._index[key] = len(self.models)
+            self.models.append(model)
+        return self._index[key]
+
+    def _no_duplicates(self, indices, sources):
+        for i, index in enumerate(indices):
+            if indices.index(index) != i:
+                raise CheckpointError(f"{self.recipe.where}: {sources[i].where}.model: {sources[i].model} is listed twice in one merge")
+
+    def _slice_base(self, base: int | None, indices: list[int], where: str) -> int | None:
+        if base is None or self.method.base is table.BasePolicy.IGNORED:
+            return None
+        if base not in indices:
+            raise CheckpointError(
+                f"{self.recipe.where}: {where}: the base model {self.models[base].ref} is not among its sources (list it there)"
+            )
+        return base
+
+    def _tokenizer(self) -> ModelDir | None:
+        source = self.recipe.tokenizer_source
+        where = f"{self.recipe.where}: tokenizer_source"
+        if source is None:  # mergekit copies the donor's tokenizer
+            return self.donor
+        if source == "base":
+            if self.base is None:
+                raise CheckpointError(f"{where}: base needs a base_model")
+            chosen = self.models[self.base]
+        else:
+            chosen = resolve_model(source, where)
+        check_tokenizer_source(chosen, self.models, where)
+        return chosen
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def layout(self, checkpoints: list[TensorSource]) -> list[OutputTensor]:
+        """The output tensors (a `plan_merge` layout), checked against the opened checkpoints."""
+        self._checkpoints = checkpoints
+        self._archs: dict[int, Architecture] = {}
+        self.output_layers: dict[str | None, list[tuple[ModelDir, int]]] = {}
+        if self.recipe.models is not None:
+            return self._models_layout(self.slices[0])
+        if self.modules is None:
+            arch = self.arch(self.slices[0].models[0], self.slices[0].sources[0].where)
+            if len(arch.stacks) != 1:
+                found = ", ".join(m.name for m in arch.modules if m.stack) or "none"
+                raise CheckpointError(
+                    f"{self.recipe.where}: slices need a model with one layer stack; "
+                    f"{self.models[self.slices[0].models[0]].ref} has {len(arch.stacks)} ({found}): "
+                    "give slices per stack under modules: (as mergekit requires)"
+                )
+            return self._module_layout(next(m.name for m in arch.modules if m.stack), self.slices, arch)
+        ref = self.all_slices()[0]
+        arch = self.arch(ref.models[0], ref.sources[0].where)
+        out = []
+        for module in arch.modules:
+            if module.name not in self.modules:
+                members = [n for n in checkpoints[ref.models[0]].tensors if arch.locate(n)[0] is module]
+                if members:
+                    warnings.warn(
+                        f"{self.recipe.where}: modules: no entry for module {module.name!r} of "
+                        f"{self.models[ref.models[0]].ref}; its {len(members)} tensors are left out, as mergekit does",
+                        RecipeWarning, stacklevel=2,
+                    )
+                continue
+            out += self._module_layout(module.name, self.modules[module.name], arch)
+        for name in self.modules:
+            arch.module(name, f"{self.recipe.where}: modules.{name}")
+        return out
+
+    def arch(self, index: int, where: str) -> Architecture:
+        if index not in self._archs:
+            self._archs[index] = architecture(
+                self._checkpoints[index].tensors, self.models[index].config(), f"{self.recipe.where}: {where}"
+            )
+        return self._archs[index]
+
+    def _models_layout(self, sl: _Slice) -> list[OutputTensor]:
+        check_same_tensors([self._checkpoints[i] for i in sl.models])
+        archs = [self.arch(i, s.where) for i, s in zip(sl.models, sl.sources)]
+        if uses_gradients(self.recipe):
+            counts = {tuple(s.count for s in a.stacks) for a in archs}
+            if len(counts) > 1:
+                raise CheckpointError(f"{self.recipe.where}: models have different numbers of layers: {sorted(counts)}")
+            if not archs[0].stacks:
+                raise CheckpointError(
+                    f"{self.recipe.where}: {sl.sources[0].where}: {self.models[sl.models[0]].ref} has no numbered layers "
+                    "(its tensor names give none), so gradients cannot apply"
+                )
+        out = []
+        for name in self._checkpoints[sl.models[0]].tensors:
+            module, index, _ = archs[0].locate(name)
+            t = 0.0
+            if index is not None:
+                count = module.stack.count
+                t = index / (count - 1) if count > 1 else 1.0
+            out.append(self._tensor(sl, name, [name] * len(sl.models), t))
+        return out
+
+    def _module_layout(self, module_name: str, slices: list[_Slice], ref_arch: Architecture) -> list[OutputTensor]:
+        """One module's tensors: its loose tensors before the layers, its slices' layers, the loose ones after."""
+        file = self.recipe.where
+        module = ref_arch.module(module_name, f"{file}: modules.{module_name}")
+        first, last = slices[0], slices[-1]
+        ref_index = first.models[0]
+        loose = [n for n in self._checkpoints[ref_index].tensors if ref_arch.locate(n)[0] is module and ref_arch.locate(n)[1] is None]
+        if module.stack is None:
+            if len(slices) > 1 or any(s.layer_range is not None for s in first.sources):
+                raise CheckpointError(f"{file}: modules.{module_name} has no layers; give it models, not slices")
+            return [self._tensor(first, name, [name] * len(first.models), 0.0) for name in loose]
+        stack = module.stack
+        lengths = []
+        for sl in slices:
+            spans = []
+            for index, src in zip(sl.models, sl.sources):
+                theirs = self.arch(index, src.where).module(module_name, f"{file}: {src.where}").stack
+                if theirs is None:
+                    raise CheckpointError(f"{file}: {src.where}: {src.model} has no layers in module {module_name}")
+                start, end = src.layer_range or (0, theirs.count)
+                if end > theirs.count:
+                    raise CheckpointError(
+                        f"{file}: {src.where}.layer_range [{start}, {end}] goes beyond {src.model}'s {theirs.count} layers"
+                        + (f" in module {module_name}" if module_name != "default" else "")
+                    )
+                spans.append(end - start)
+            if len(set(spans)) > 1:
+                raise CheckpointError(f"{file}: {sl.where}: every source must span as many layers, got {spans}")
+            lengths.append(spans[0])
+        out = [self._tensor(first, name, [name] * len(first.models), 0.0) for name in loose if _PRE.search(name)]
+        layers = self.output_layers.setdefault(stack.config_key, [])
+        for sl, n in zip(slices, lengths):
+            for offset in range(n):
+                t = offset / (n - 1) if n > 1 else 1.0
+                layer = len(layers)
+                rests = None
+                inputs = []
+                for index, src in zip(sl.models, sl.sources):
+                    scheme = self.arch(index, src.where).module(module_name, src.where).stack
+                    at = (src.layer_range or (0, 0))[0] + offset
+                    theirs = [s[1] for s in map(scheme.split, self._checkpoints[index].tensors) if s and s[0] == at]
+                    if rests is None:
+                        rests, ref = theirs, (index, at)
+                    elif set(theirs) != set(rests):
+                        extra = sorted(set(rests) ^ set(theirs))[0]
+                        missing_in = self.models[index] if extra in rests else self.models[ref[0]]
+                        raise CheckpointError(
+                            f"{missing_in.path}: layer {at if extra in rests else ref[1]} has no tensor {extra} ({sl.where})"
+                        )
+                    inputs.append((scheme, at))
+                for rest in rests:
+                    out.append(self._tensor(sl, stack.name(layer, rest), [s.name(at, rest) for s, at in inputs], t))
+                layers.append((self.models[sl.models[0]], (sl.sources[0].layer_range or (0, 0))[0] + offset))
+        out += [self._tensor(last, name, [name] * len(last.models), 0.0) for name in loose if not _PRE.search(name)]
+        return out
+
+    def _tensor(self, sl: _Slice, out_name: str, in_names: list[str], t: float) -> OutputTensor:
+        """One output tensor: its sources (the base first) and its resolved parameters."""
+        order = list(range(len(sl.models)))
+        has_base = sl.base is not None
+        if has_base:
+            b = sl.models.index(sl.base)
+            order = [b] + [i for i in order if i != b]
+        shared_scopes = [sl.parameters, *([sl.module_parameters] if sl.module_parameters else []), self.recipe.parameters]
+        params = {}
+        for p in self.method.params:
+            if p.scope is table.Scope.SHARED:
+                value = resolve_setting(p.name, shared_scopes, out_name, t)
+                if value is not None:
+                    params[p.name] = value
+                continue
+            values = []
+            for position, i in enumerate(order):
+                if has_base and position == 0 and p.scope is table.Scope.PER_MODEL:
+                    continue  # the base takes no per-model parameters
+                own = [s.parameters for s, m in zip(sl.sources, sl.models) if m == sl.models[i]]
+                values.append(resolve_setting(p.name, [*own, *shared_scopes], in_names[i], t))
+            if any(v is not None for v in values):
+                params[p.name] = values
+        sources = tuple((sl.models[i], in_names[i]) for i in order)
+        return OutputTensor(out_name, sources, has_base=has_base, params=params)
+
+    # -- output files ---------------------------------------------------------------------------
+
+    def finish(self, out: Path, plan: MergePlan) -> None:
+        """Write config.json, generation_config.json, tokenizer, model card and recipe beside the weights."""
+        recipe = self.recipe
+        codes = [t.dtype for t in plan.tensors if t.dtype in ("F32", "F16", "BF16", "F64")]
+        dtype = recipe.out_dtype or recipe.dtype
+        code = DTYPE_NAMES[dtype] if dtype else (max(set(codes), key=codes.count) if codes else None)
+        text = recipe.text if recipe.text is not None else recipe.to_yaml()
+        card = model_card(
+            method=recipe.merge_method, paper=self.method.paper, name=Path(plan.output).name,
+            base=self.models[self.base] if self.base is not None else None,
+            models=[self.models[i] for i in dict.fromkeys(m for sl in self.all_slices() for m in sl.models)],
+            recipe_text=text,
+        )
+        write_model_files(
+            out, donor=self.donor, tokenizer=self.tokenizer, dtype_code=code,
+            layers=self.output_layers, card=card, recipe_text=text,
+        )
+
+    def record(self) -> dict:
+        """Entries of jaxmerge_recipe.json beyond the plan's own."""
+        recipe = self.recipe
+        return {
+            "inputs": [m.ref for m in self.models],
+            "recipe_file": str(recipe.path.resolve()) if recipe.path else None,
+            "recipe": recipe.text if recipe.text is not None else recipe.to_yaml(),
+            "parameters": recipe.parameters,
+        }
+
+
+def plan_recipe(recipe: Recipe, output: str | os.PathLike, *, seed: int | None = None, max_shard_size: str | None = None):
+    """Plan a recipe's merge (nothing written): returns (RecipePlanner, MergePlan)."""
+    planner = RecipePlanner(recipe)
+    plan, _, _ = plan_merge(
+        [m.path for m in planner.models], output, method=recipe.merge_method,
+        seed=recipe.seed if seed is None else seed, max_shard_size=max_shard_size or recipe.max_shard_size,
+        layout=planner.layout, dtype=recipe.dtype, out_dtype=recipe.out_dtype,
+    )
+    return planner, plan
+
+
+def merge_recipe(
+    recipe: Recipe,
+    output: str | os.PathLike,
+    *,
+    seed: int | None = None,
+    max_shard_size: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    mesh=None,
+    allow_nonfinite: bool = False,
+    processes=None,
+) -> MergePlan:
+    """Merge as the recipe says into `output` (weights, config.json, tokenizer, README.md, mergekit_config.yml).
+
+    Args:
+      recipe: from `load_recipe` or `recipe_from_flags`.
+      output: the output directory (written atomically).
+      seed, max_shard_size: override the recipe's `jaxmerge:` settings.
+      force, progress, mesh, allow_nonfinite, processes: as `merge_checkpoints`.
+
+    Returns:
+      The executed plan.
+    """
+    planner = RecipePlanner(recipe)
+    return merge_checkpoints(
+        [m.path for m in planner.models], output, method=recipe.merge_method,
+        seed=recipe.seed if seed is None else seed, max_shard_size=max_shard_size or recipe.max_shard_size,
+        layout=planner.layout, dtype=recipe.dtype, out_dtype=recipe.out_dtype, force=force, progress=progress,
+        mesh=mesh, allow_nonfinite=allow_nonfinite, finish=planner.finish, record=planner.record(),
+        processes=processes,
+    )
