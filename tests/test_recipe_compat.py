@@ -245,3 +245,115 @@ def test_density_of_one_or_more_warns_on_the_command_line(llama, tmp_path, capsy
     assert rc == 0 and "warning: --density 1.5 is 1 or more: nothing is pruned" in err, err
     rc, err = _run(capsys, *args[:-3], "--output", tmp_path / "p", "--quiet", "--density", "0.5")
     assert rc == 0 and "warning" not in err, err
+
+
+def _lora_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter on `base` with non-zero B's, rank and alpha patterns and a saved LM head."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, rank_pattern={"v_proj": 2},
+                        alpha_pattern={"down_proj": 32}, modules_to_save=["lm_head"],
+                        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    peft_model.save_pretrained(out)
+    return out
+
+
+_LORA_DRIVER = """
+import sys, logging
+logging.disable(logging.WARNING)
+from mergekit.scripts.run_yaml import main
+main.main([sys.argv[1], sys.argv[2], '--no-lazy-unpickle', '--random-seed', '0', '--quiet',
+           '--lora-merge-cache', sys.argv[3]], standalone_mode=False)
+"""
+
+
+def test_model_plus_lora_references_equal_mergekit(llama, tmp_path, capsys):
+    """`model: BASE+ADAPTER` folds the adapter into the model as read (mergekit merges it with PEFT first)."""
+    import subprocess
+    import sys
+
+    adapter = _lora_adapter(llama["ft1"], tmp_path / "adapter", seed=3)
+    recipe = _write(tmp_path / "r.yml", f"""
+merge_method: ties
+base_model: {llama['base']}
+models:
+  - {{model: {llama['ft1']}+{adapter}, parameters: {{weight: 0.6, density: 0.5}}}}
+  - {{model: {llama['ft2']}, parameters: {{weight: 0.4, density: 0.5}}}}
+dtype: float32
+""")
+    result = subprocess.run([sys.executable, "-c", _LORA_DRIVER, str(recipe), str(tmp_path / "mergekit"), str(tmp_path / "cache")],
+                            cwd=tmp_path, env=tm.offline_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rc, err = _run(capsys, recipe, "--output", tmp_path / "ours", "--quiet")
+    assert rc == 0, err
+    a, b = tm.read_dir(tmp_path / "ours"), tm.read_dir(tmp_path / "mergekit")
+    assert sorted(a) == sorted(b)
+    for name in b:
+        np.testing.assert_allclose(a[name], b[name], err_msg=name, **TOL)
+    # The adapter changed the merge: without it the same recipe gives other tensors.
+    (tmp_path / "plain.yml").write_text(recipe.read_text().replace(f"+{adapter}", ""))
+    rc, err = _run(capsys, tmp_path / "plain.yml", "--output", tmp_path / "plain", "--quiet")
+    assert rc == 0, err
+    plain = tm.read_dir(tmp_path / "plain")
+    assert not np.allclose(plain["model.layers.0.self_attn.q_proj.weight"], a["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_bad_lora_references_give_one_line_before_any_tensor(llama, tmp_path, capsys, vlm):
+    adapter = _lora_adapter(llama["ft1"], tmp_path / "adapter", seed=4)
+    capsys.readouterr()  # transformers' loading bar
+    cases = {
+        "missing": (f"{llama['ft1']}+{tmp_path / 'nowhere'}", ["models[0].model (its LoRA adapter)", "nowhere"]),
+        "misfit": (f"{vlm['m0']}+{adapter}", ["adapter_model.safetensors", "does not have"]),
+    }
+    for name, (ref, needles) in cases.items():
+        recipe = _write(tmp_path / f"{name}.yml", f"merge_method: linear\nmodels:\n  - model: {ref}\n")
+        rc, err = _run(capsys, recipe, "--output", tmp_path / name, "--quiet")
+        assert rc == 2, (name, err)
+        assert len(err.strip().splitlines()) == 1, (name, err)
+        for needle in needles:
+            assert needle in err, (name, needle, err)
+        assert not (tmp_path / name).exists()
+
+
+def test_pytorch_bin_checkpoints_merge_like_their_safetensors(llama, tmp_path, capsys):
+    """A model shipped as sharded pytorch_model-*.bin (read with weights_only) merges to the same bytes."""
+    import shutil
+
+    import torch
+
+    state = tm.read_dir(llama["ft2"])
+    binary = tmp_path / "ft2_bin"
+    shutil.copytree(llama["ft2"], binary, ignore=shutil.ignore_patterns("*.safetensors*"))
+    names = sorted(state)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves):
+        file = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({n: torch.from_numpy(state[n]) for n in part}, binary / file)
+        weight_map.update({n: file for n in part})
+    (binary / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    text = f"""
+merge_method: task_arithmetic
+base_model: {llama['base']}
+models:
+  - {{model: {llama['ft1']}, parameters: {{weight: 0.5}}}}
+  - {{model: MODEL, parameters: {{weight: 0.5}}}}
+dtype: float32
+"""
+    outs = {}
+    for kind, model in (("safetensors", llama["ft2"]), ("bin", binary)):
+        recipe = _write(tmp_path / f"{kind}.yml", text.replace("MODEL", str(model)))
+        rc, err = _run(capsys, recipe, "--output", tmp_path / kind, "--quiet")
+        assert rc == 0, (kind, err)
+        outs[kind] = tm.read_dir(tmp_path / kind)
+    for name in outs["safetensors"]:
+        np.testing.assert_array_equal(outs["bin"][name], outs["safetensors"][name], err_msg=name)

@@ -53,11 +53,10 @@ from jaxmerge.formats.safetensors_io import (
     aligned_empty,
     parse_size,
     plan_shards,
-    resolve_files,
     shard_names,
     write_index,
 )
-from jaxmerge.formats.sources import TensorSource, open_checkpoint
+from jaxmerge.formats.sources import TensorSource, checkpoint_files, open_checkpoint
 from jaxmerge.methods._table import MethodError
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
 
@@ -109,12 +108,21 @@ class OutputTensor:
       has_base: `sources[0]` is the base model.
       params: this tensor's method parameters (per-model ones aligned with the
         sources other than the base); None: the plan-wide parameters.
+      prepare: optional `prepare(arrays) -> arrays`, applied to the inputs as read
+        (host NumPy arrays, in `sources` order) before they are merged; every
+        array it returns has shape `shape` and its input's dtype. For inputs
+        that must be made alike first: embedding rows aligned to a merged
+        vocabulary (`jaxmerge.recipes.tokenizer`). The inputs may then differ
+        in shape.
+      shape: the prepared inputs' (and the output's) shape; with `prepare` only.
     """
 
     name: str
     sources: tuple[tuple[int, str], ...]
     has_base: bool = False
     params: Mapping[str, Any] | None = None
+    prepare: Callable[[list[np.ndarray]], list[np.ndarray]] | None = field(default=None, compare=False)
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -176,8 +184,7 @@ class MergePlan:
 
 
 def _describe_files(path: Path) -> dict:
-    found = resolve_files(path)
-    files = sorted(set(found.values())) if isinstance(found, dict) else found
+    files = checkpoint_files(path)
     return {
         "path": str(Path(path).resolve()),
         "files": {str(Path(f).resolve()): Path(f).stat().st_size for f in files if Path(f).exists()},
@@ -307,7 +314,7 @@ def _output_info(entry: OutputTensor, checkpoints: list[Checkpoint], codes: dict
         infos.append((ckpt, info))
     ref_ckpt, ref = infos[0]
     for ckpt, info in infos[1:]:
-        if info.shape != ref.shape:
+        if info.shape != ref.shape and entry.prepare is None:
             raise CheckpointError(
                 f"{ckpt.path}: tensor {info.name} has shape {list(info.shape)}, {ref_ckpt.path} has {list(ref.shape)}"
                 + (f" ({ref.name})" if ref.name != info.name else "")
@@ -320,7 +327,7 @@ def _output_info(entry: OutputTensor, checkpoints: list[Checkpoint], codes: dict
     dtype = ref.dtype
     if dtype in FLOAT_DTYPES:
         dtype = codes.get("out_dtype", codes.get("dtype", dtype))
-    return TensorInfo(entry.name, ref.shape, dtype)
+    return TensorInfo(entry.name, tuple(entry.shape) if entry.prepare is not None else ref.shape, dtype)
 
 
 def merge_checkpoints(
@@ -607,7 +614,7 @@ def _kernel_signature(entry: OutputTensor, info: TensorInfo, checkpoints, plan: 
 
 def _input_specs(entry: OutputTensor, checkpoints, view: tuple[int, ...] | None) -> tuple:
     """(shape, safetensors dtype code) of each input of the merge, as `_read_sources` hands them to it."""
-    return tuple((view or checkpoints[i].tensors[name].shape, checkpoints[i].tensors[name].dtype)
+    return tuple((view or entry.shape or checkpoints[i].tensors[name].shape, checkpoints[i].tensors[name].dtype)
                  for i, name in entry.sources)
 
 
@@ -631,6 +638,8 @@ def _read_sources(entry: OutputTensor, info: TensorInfo, checkpoints, arena: np.
         if any(not np.array_equal(leaves[0], leaf) for leaf in leaves):
             raise CheckpointError(f"tensor {info.name} ({info.dtype}) differs across inputs and cannot be merged")
         return "int", leaves[0]
+    if entry.prepare is not None:
+        leaves = [np.asarray(x) for x in entry.prepare(leaves)]
     if view is not None:
         leaves = [x.reshape(view) for x in leaves]
     # The aligned host buffers become JAX arrays without a copy (no NumPy or JAX copy on the way).

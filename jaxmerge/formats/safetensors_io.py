@@ -66,8 +66,8 @@ class TensorInfo:
         return size * DTYPES[self.dtype].itemsize
 
 
-def _index_files(path: Path) -> dict[str, Path]:
-    """tensor name -> file, from a sharded checkpoint's index JSON.
+def _index_files(path: Path, kind: str = "safetensors") -> dict[str, Path]:
+    """tensor name -> file, from a sharded checkpoint's index JSON (`kind` names the format in errors).
 
     Every entry must name a file inside the index's own directory: an absolute
     path, a `..` component or a link resolving elsewhere is refused before any
@@ -79,7 +79,7 @@ def _index_files(path: Path) -> dict[str, Path]:
         index = json.loads(path.read_text())
         weight_map = index["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors index ({err})") from None
+        raise CheckpointError(f"{path}: not a readable {kind} index ({err})") from None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: weight_map must map tensor names to file names, got a JSON {type(weight_map).__name__}")
     return {name: _shard_path(path, name, filename) for name, filename in weight_map.items()}

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from jaxmerge.formats.safetensors_io import Checkpoint, TensorInfo
+from jaxmerge.formats.safetensors_io import Checkpoint, TensorInfo, resolve_files
 
 
 @runtime_checkable
@@ -42,3 +42,11 @@ def open_checkpoint(path: str | os.PathLike | TensorSource) -> TensorSource:
     if torch_bin.is_torch_bin(Path(path)):
         return torch_bin.TorchBinCheckpoint(path)
     return Checkpoint(path)
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The files a checkpoint path stands for (safetensors or `.bin`, single or sharded), for records."""
+    from jaxmerge.formats import torch_bin  # noqa: PLC0415
+
+    found = torch_bin.resolve_bin_files(path) if torch_bin.is_torch_bin(Path(path)) else resolve_files(path)
+    return sorted(set(found.values())) if isinstance(found, dict) else list(found)

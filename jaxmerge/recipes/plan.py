@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jaxmerge.engine.stream import DTYPE_NAMES, MergePlan, OutputTensor, check_same_tensors, merge_checkpoints, plan_merge
+from jaxmerge.formats.lora import LoraFolded, mergekit_load_dtype, split_lora_reference
 from jaxmerge.formats.hf_model import ModelDir, check_tokenizer_source, model_card, resolve_model, write_model_files
 from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.formats.sources import TensorSource
@@ -55,7 +56,8 @@ class RecipePlanner:
         self.recipe = recipe
         self.method = table.get(recipe.merge_method)
         self.models: list[ModelDir] = []
-        self._index: dict[Path, int] = {}
+        self.adapters: list[ModelDir | None] = []  # each model's LoRA adapter (mergekit's MODEL+LORA)
+        self._index: dict[tuple[Path, Path | None], int] = {}
         file = recipe.where
         self._key = (lambda where, k="model": f"{file}: {where}.{k}") if recipe.path else (lambda where, k="model": where)
         self.base = self._model(recipe.base_model, f"{file}: base_model" if recipe.path else "--base") if recipe.base_model else None
@@ -101,17 +103,32 @@ class RecipePlanner:
         return _Slice(sl.sources, indices, sl.parameters, self._slice_base(base, indices, sl.where), sl.where, module_parameters)
 
     def _model(self, ref: str, where: str) -> int:
-        model = resolve_model(ref, where)
-        if self.recipe.path and (model.path / "adapter_config.json").is_file() and not (model.path / "config.json").is_file():
+        """The index of the model `ref` names (`MODEL` or mergekit's `MODEL+LORA`), resolved once."""
+        try:
+            model_ref, lora_ref = split_lora_reference(ref)
+        except CheckpointError as err:
+            raise CheckpointError(f"{where}: {err}") from None
+        model = resolve_model(model_ref, where)
+        if (model.path / "adapter_config.json").is_file() and not (model.path / "config.json").is_file():
             raise CheckpointError(
-                f"{where}: {ref} is a LoRA adapter; give it with its model (model: base_dir+{ref}), "
-                "or merge adapters with flags (jaxmerge merge a/ b/ --method ties --output out/)"
+                f"{where}: {model_ref} is a LoRA adapter; give it with its model (model: BASE+{model_ref}), "
+                "or merge adapters on their own with flags (jaxmerge merge a/ b/ --method ties --output out/)"
             )
-        key = model.path.resolve()
+        adapter = resolve_model(lora_ref, f"{where} (its LoRA adapter)") if lora_ref else None
+        key = (model.path.resolve(), adapter.path.resolve() if adapter else None)
         if key not in self._index:
             self._index[key] = len(self.models)
             self.models.append(model)
+            self.adapters.append(adapter)
         return self._index[key]
+
+    def inputs(self) -> list:
+        """What the engine reads, model by model: its path, or the model with its LoRA adapter folded in
+        (in the dtype mergekit loads it in; checked against the model now, before any tensor is read)."""
+        return [
+            m.path if a is None else LoraFolded(m.path, a.path, dtype=mergekit_load_dtype(m.path))
+            for m, a in zip(self.models, self.adapters)
+        ]
 
     def _no_duplicates(self, indices, sources):
         for i, index in enumerate(indices):
@@ -324,7 +341,7 @@ def plan_recipe(recipe: Recipe, output: str | os.PathLike, *, seed: int | None =
     """Plan a recipe's merge (nothing written): returns (RecipePlanner, MergePlan)."""
     planner = RecipePlanner(recipe)
     plan, _, _ = plan_merge(
-        [m.path for m in planner.models], output, method=recipe.merge_method,
+        planner.inputs(), output, method=recipe.merge_method,
         seed=recipe.seed if seed is None else seed, max_shard_size=max_shard_size or recipe.max_shard_size,
         layout=planner.layout, dtype=recipe.dtype, out_dtype=recipe.out_dtype,
     )
@@ -356,7 +373,7 @@ def merge_recipe(
     """
     planner = RecipePlanner(recipe)
     return merge_checkpoints(
-        [m.path for m in planner.models], output, method=recipe.merge_method,
+        planner.inputs(), output, method=recipe.merge_method,
         seed=recipe.seed if seed is None else seed, max_shard_size=max_shard_size or recipe.max_shard_size,
         layout=planner.layout, dtype=recipe.dtype, out_dtype=recipe.out_dtype, force=force, progress=progress,
         mesh=mesh, allow_nonfinite=allow_nonfinite, finish=planner.finish, record=planner.record(),

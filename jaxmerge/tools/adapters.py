@@ -16,7 +16,9 @@ rule for rule, with every merge done by the jaxmerge core:
   the union of target modules and no rank or alpha pattern.
 
 Linear, Embedding and Conv2d LoRA layers are supported (Conv2d deltas are
-composed as PEFT's `get_delta_weight` does).
+composed as PEFT's `get_delta_weight` does). Reading an adapter (its config,
+scaling and factors) lives in `jaxmerge.formats.lora`; `Adapter` and
+`load_adapter` are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,9 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -36,7 +36,10 @@ import numpy as np
 from jaxmerge import __version__
 from jaxmerge.engine._atomic import atomic_directory, lies_inside
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
-from jaxmerge.formats.safetensors_io import DTYPES, Checkpoint, CheckpointError, ShardWriter, TensorInfo
+from jaxmerge.formats.lora import KINDS, Adapter, load_adapter, lora_product
+from jaxmerge.formats.safetensors_io import DTYPES, CheckpointError, ShardWriter, TensorInfo
+
+__all__ = ["COMBINATION_TYPES", "Adapter", "load_adapter", "merge_lora"]
 
 COMBINATION_TYPES = (
     "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear",
@@ -48,114 +51,6 @@ _CORE_METHOD = {
     "dare_linear": "dare_linear", "dare_linear_svd": "dare_linear", "dare_ties": "dare_ties",
     "dare_ties_svd": "dare_ties", "magnitude_prune": "magnitude_prune", "magnitude_prune_svd": "magnitude_prune",
 }
-_PREFIX = "base_model.model."
-_KINDS = {  # suffixes of A and B on disk
-    "linear": (".lora_A.weight", ".lora_B.weight"),
-    "embedding": (".lora_embedding_A", ".lora_embedding_B"),
-}
-
-
-@dataclass
-class Adapter:
-    path: Path
-    config: dict
-    weights: Checkpoint
-
-    @property
-    def max_rank(self) -> int:
-        pattern = self.config.get("rank_pattern") or {}
-        return max([self.config["r"], *pattern.values()])
-
-    def layers(self) -> dict[str, str]:
-        """module name -> "linear" or "embedding" (conv layers use the linear names)."""
-        found = {}
-        for name in self.weights.tensors:
-            for kind, (suffix_a, _) in _KINDS.items():
-                if name.endswith(suffix_a):
-                    found[name[: -len(suffix_a)]] = kind
-        return found
-
-    def factors(self, module: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        suffix_a, suffix_b = _KINDS[kind]
-        return self.weights.read(module + suffix_a), self.weights.read(module + suffix_b)
-
-    def scaling(self, module: str) -> float:
-        """lora_alpha / r of one layer, with PEFT's pattern matching on the module name."""
-        key = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
-        r = _pattern_value(self.config.get("rank_pattern") or {}, key, self.config["r"])
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, key, self.config["lora_alpha"])
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
-
-
-def _pattern_value(patterns: dict, key: str, default):
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
-
-
-def load_adapter(path: str | os.PathLike) -> Adapter:
-    """Open a PEFT LoRA adapter directory; its config is checked before any weight is read.
-
-    Raises:
-      CheckpointError: one line naming the file (and the key) that is missing or wrong.
-    """
-    p = Path(path)
-    config_file, weights_file = p / "adapter_config.json", p / "adapter_model.safetensors"
-    if not config_file.exists():
-        raise CheckpointError(f"{p}: no adapter_config.json (not a PEFT adapter directory)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{config_file}: unreadable JSON ({err})") from None
-    _check_config(config_file, config)
-    if not weights_file.exists():
-        raise CheckpointError(f"{p}: no adapter_model.safetensors")
-    return Adapter(p, config, Checkpoint(weights_file))
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_config(file: Path, config) -> None:
-    """The keys the merge reads, with their types: a wrong one is named with its file."""
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: must be a JSON object with the LoRA config (r, lora_alpha, ...), got a JSON {_json_type(config)}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{file}: peft_type is {config.get('peft_type')}, only LORA adapters merge here")
-    for key in ("r", "lora_alpha"):
-        if key not in config:
-            raise CheckpointError(f"{file}: the key {key!r} is missing (a LoRA config names its rank r and lora_alpha)")
-    if not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] <= 0:
-        raise CheckpointError(f"{file}: 'r' must be a positive integer, got {config['r']!r}")
-    if not _is_number(config["lora_alpha"]):
-        raise CheckpointError(f"{file}: 'lora_alpha' must be a number, got {config['lora_alpha']!r}")
-    for key, valid, what in (
-        ("rank_pattern", lambda r: isinstance(r, int) and not isinstance(r, bool) and r > 0, "a positive integer"),
-        ("alpha_pattern", _is_number, "a number"),
-    ):
-        patterns = config.get(key) or {}
-        if not isinstance(patterns, dict):
-            raise CheckpointError(f"{file}: {key!r} must be a JSON object (module pattern -> value), got {patterns!r}")
-        for pattern, value in patterns.items():
-            if not valid(value):
-                raise CheckpointError(f"{file}: {key}[{pattern!r}] must be {what}, got {value!r}")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise CheckpointError(f"{file}: 'use_rslora' must be true or false, got {config['use_rslora']!r}")
-    targets = config.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and not (
-        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
-    ):
-        raise CheckpointError(f"{file}: 'target_modules' must be a string or a list of strings, got {targets!r}")
-
-
-def _json_type(value) -> str:
-    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
-
-
 def _new_target_modules(adapters: list[Adapter]):
     targets = [a.config.get("target_modules") for a in adapters]
     if all(isinstance(t, str) for t in targets):
@@ -163,13 +58,6 @@ def _new_target_modules(adapters: list[Adapter]):
     if all(isinstance(t, (list, tuple)) for t in targets):
         return sorted(set().union(*map(set, targets)))
     raise CheckpointError("all adapters' target_modules must be lists, or all strings, as PEFT requires")
-
-
-def _conv_delta(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """PEFT's Conv2d delta: B is a 1x1 kernel, so the composition is an einsum."""
-    if a.shape[2:] == (1, 1):
-        return (b[:, :, 0, 0] @ a[:, :, 0, 0])[:, :, None, None]
-    return jnp.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
 
 
 def _svd_factors(delta: jnp.ndarray, rank: int, clamp, a_shape, b_shape):
@@ -264,7 +152,7 @@ def merge_lora(
 
     for module, kind in sorted(layers.items()):
         present = [(a, w) for a, w in zip(adapters, weights) if module in a.layers()]
-        suffix_a, suffix_b = _KINDS[kind]
+        suffix_a, suffix_b = KINDS[kind]
         name_a, name_b = module + suffix_a, module + suffix_b
         factors = [a.factors(module, kind) for a, _ in present]
         dtype = factors[0][0].dtype
@@ -279,7 +167,7 @@ def merge_lora(
             deltas = []
             for (fa, fb), (ad, _) in zip(factors, present):
                 fa32, fb32 = jnp.asarray(fa, jnp.float32), jnp.asarray(fb, jnp.float32)
-                delta = _conv_delta(fa32, fb32) if fa.ndim == 4 else fb32 @ fa32
+                delta = lora_product(fa32, fb32, "linear")  # B @ A, conv kernels composed; not transposed
                 deltas.append(delta * ad.scaling(module))
             delta = merge_leaf(deltas, *_bind([w for _, w in present]), key=path_key(key, module))
             a_shape = (new_rank, *factors[0][0].shape[1:])
