@@ -1,29 +1,25 @@
-"""Hugging Face model directories: Hub ids in, layer numbering, a loadable and publishable output.
+"""Hugging Face model directories: Hub ids in, a loadable and publishable output.
 
 Inputs are local paths (a model directory, a .safetensors file or an index) or
 Hub repo ids `org/name[@revision]` resolved through `huggingface_hub`'s cache
 (`HF_HUB_CACHE` / `HF_HOME`; with `HF_HUB_OFFLINE=1` nothing is downloaded).
 
-Layers are found from the tensor names, whatever the architecture calls them
-(`model.layers.N.` in Llama/Mistral/Qwen2, `transformer.h.N.` or `h.N.` in
-GPT-2, `gpt_neox.layers.N.`, `transformer.blocks.N.`, ...): the prefix before
-the first numeric name component whose indices run 0..L-1, L being the
-config's layer count (`num_hidden_layers`, `n_layer`, ...).
+Layer stacks are the recipe side's business (`jaxmerge.recipes.architectures`);
+this module only writes their counts into the output's config.
 
 The output directory gets what `from_pretrained` and the Hub expect besides the
 weights: config.json (from the base model, else the first model; its dtype
-field set to the output's dtype, its layer count to the merged model's),
-generation_config.json, the tokenizer files of the tokenizer source, a
+field set to the output's dtype, its layer counts and vocab_size to the merged
+model's), generation_config.json, the donor's tokenizer files (a recipe with a
+tokenizer source writes its built tokenizer instead), a
 README.md model card and the recipe (mergekit_config.yml).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -95,39 +91,6 @@ def resolve_model(ref: str, where: str) -> ModelDir:
     return ModelDir(ref, Path(local), hub_id=repo)
 
 
-def _vocabulary(directory: Path) -> str | None:
-    """A fingerprint of a tokenizer's vocabulary (token -> id), or None without tokenizer files."""
-    file = directory / "tokenizer.json"
-    if file.is_file():
-        try:
-            data = json.loads(file.read_text())
-            vocab = data.get("model", {}).get("vocab")
-            added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
-            return hashlib.sha256(json.dumps([vocab, added], sort_keys=True).encode()).hexdigest()
-        except (OSError, ValueError, AttributeError):
-            pass
-    for name in ("tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"):
-        if (directory / name).is_file():
-            return hashlib.sha256((directory / name).read_bytes()).hexdigest()
-    return None
-
-
-def check_tokenizer_source(source: ModelDir, models: Iterable[ModelDir], where: str) -> None:
-    """The tokenizer source has tokenizer files, and every model that has a tokenizer shares its vocabulary."""
-    if source.directory is None or _vocabulary(source.path) is None:
-        raise CheckpointError(f"{where}: {source.ref} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
-    theirs = _vocabulary(source.path)
-    for model in models:
-        if model.directory is None:
-            continue
-        vocab = _vocabulary(model.path)
-        if vocab is not None and vocab != theirs:
-            raise CheckpointError(
-                f"{where}: {model.ref} has another vocabulary than {source.ref}; jaxmerge copies one tokenizer "
-                "and does not remap embeddings (mergekit's vocabulary permutation is not supported)"
-            )
-
-
 def write_model_files(
     out: Path,
     *,
@@ -137,6 +100,7 @@ def write_model_files(
     layers: dict[str | None, list[tuple[ModelDir, int]]] | None,
     card: str,
     recipe_text: str,
+    vocab_size: int | None = None,
 ) -> None:
     """Write config.json, generation_config.json, tokenizer files, README.md and mergekit_config.yml into `out`.
 
@@ -151,6 +115,8 @@ def write_model_files(
         per-layer lists such as `layer_types`, follow them.
       card: README.md.
       recipe_text: mergekit_config.yml.
+      vocab_size: the output's vocabulary rows when a merged vocabulary changed them
+        (`vocab_size`, or `text_config.vocab_size` where the config keeps it there).
     """
     config = donor.config()
     if config is not None:
@@ -161,6 +127,9 @@ def write_model_files(
                 config[key] = name
         if layers:
             _set_layers(config, layers)
+        if vocab_size is not None:
+            scope = config if "vocab_size" in config or not isinstance(config.get("text_config"), dict) else config["text_config"]
+            scope["vocab_size"] = vocab_size
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if donor.directory is not None and (donor.path / "generation_config.json").is_file():
         shutil.copyfile(donor.path / "generation_config.json", out / "generation_config.json")

@@ -20,6 +20,7 @@ the input's name for per-model ones. The merge itself is
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -28,13 +29,15 @@ from pathlib import Path
 
 from jaxmerge.engine.stream import DTYPE_NAMES, MergePlan, OutputTensor, check_same_tensors, merge_checkpoints, plan_merge
 from jaxmerge.formats.lora import LoraFolded, mergekit_load_dtype, split_lora_reference
-from jaxmerge.formats.hf_model import ModelDir, check_tokenizer_source, model_card, resolve_model, write_model_files
+from jaxmerge.formats.hf_model import ModelDir, model_card, resolve_model, write_model_files
 from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.formats.sources import TensorSource
 from jaxmerge.methods import _table as table
 from jaxmerge.recipes.architectures import Architecture, architecture
 from jaxmerge.recipes.schema import Recipe, RecipeWarning, Source, resolve_setting, uses_gradients
 
+# Tensors with one row per token (mergekit's vocabulary_axis 0): input embeddings and LM heads.
+_VOCABULARY = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|lm_head|embed_out|output)\.weight$")
 # Tensors before the first layer (from the first slice's sources); the others outside the layers come after.
 _PRE = re.compile(r"(^|\.)(embed|embeddings|wte|wpe|word_embeddings|embed_in|tok_embeddings|embed_tokens|shared)(\.|$)")
 
@@ -47,6 +50,7 @@ class _Slice:
     base: int | None  # model index of this slice's base, when the method takes one
     where: str
     module_parameters: dict | None = None  # the `modules:` entry's parameters
+    recipe_base: int | None = None  # the slice's or recipe's base_model, whether the method takes one or not
 
 
 class RecipePlanner:
@@ -78,6 +82,8 @@ class RecipePlanner:
         first = self.all_slices()[0].models[0]
         self.donor = self.models[self.base if self.base is not None else first]
         self.tokenizer = self._tokenizer()
+        self.vocabulary = self._vocabulary()
+        self.chat_template = self.vocabulary.chat_template if self.vocabulary else self._chat_template()
 
     def all_slices(self) -> list[_Slice]:
         return self.slices + [sl for group in (self.modules or {}).values() for sl in group]
@@ -94,13 +100,14 @@ class RecipePlanner:
             # `--base` with such a method on the command line stays ignored).
             sources.append(Source(model=self.recipe.base_model, where="base_model"))
             indices.append(self.base)
-        return _Slice(sources, indices, {}, self._slice_base(self.base, indices, where), where, module_parameters)
+        return _Slice(sources, indices, {}, self._slice_base(self.base, indices, where), where, module_parameters, self.base)
 
     def _slice(self, sl, module_parameters) -> _Slice:
         indices = [self._model(s.model, self._key(s.where)) for s in sl.sources]
         self._no_duplicates(indices, sl.sources)
         base = self._model(sl.base_model, self._key(sl.where, "base_model")) if sl.base_model else self.base
-        return _Slice(sl.sources, indices, sl.parameters, self._slice_base(base, indices, sl.where), sl.where, module_parameters)
+        return _Slice(sl.sources, indices, sl.parameters, self._slice_base(base, indices, sl.where), sl.where,
+                      module_parameters, base)
 
     def _model(self, ref: str, where: str) -> int:
         """The index of the model `ref` names (`MODEL` or mergekit's `MODEL+LORA`), resolved once."""
@@ -145,18 +152,41 @@ class RecipePlanner:
         return base
 
     def _tokenizer(self) -> ModelDir | None:
-        source = self.recipe.tokenizer_source
-        where = f"{self.recipe.where}: tokenizer_source"
-        if source is None:  # mergekit copies the donor's tokenizer
+        """The model whose tokenizer files are copied: the donor's, as mergekit, unless the recipe names a
+        tokenizer source (then the output's vocabulary is built, `_vocabulary`)."""
+        if self.recipe.tokenizer_source is None and self.recipe.tokenizer is None:
             return self.donor
-        if source == "base":
-            if self.base is None:
-                raise CheckpointError(f"{where}: base needs a base_model")
-            chosen = self.models[self.base]
-        else:
-            chosen = resolve_model(source, where)
-        check_tokenizer_source(chosen, self.models, where)
-        return chosen
+        return None
+
+    def _vocabulary(self):
+        """The output vocabulary (`jaxmerge.recipes.tokenizer`) when the recipe names a tokenizer source
+        (mergekit builds the tokenizer then, even from one model's), else None; built now, before any
+        tensor is read, so a bad token or source stops the merge first."""
+        recipe = self.recipe
+        if self.tokenizer is not None:
+            return None
+        from jaxmerge.recipes.tokenizer import build_vocabulary  # noqa: PLC0415 - needs transformers
+
+        config = recipe.tokenizer or {"source": recipe.tokenizer_source, "tokens": {}, "pad_to_multiple_of": None}
+        source = config["source"]
+        if source == "base" and self.base is None:
+            raise CheckpointError(f"{recipe.where}: tokenizer_source: base needs a base_model")
+        if source not in ("union", "base"):
+            source = resolve_model(source, f"{recipe.where}: tokenizer.source").path
+        return build_vocabulary(
+            [m.path for m in self.models], source=source, base=self.base, tokens=config["tokens"],
+            pad_to_multiple_of=config["pad_to_multiple_of"], names=[m.ref for m in self.models],
+            chat_template=self._chat_template(), where=recipe.where,
+            source_key="tokenizer.source" if recipe.tokenizer is not None else "tokenizer_source",
+        )
+
+    def _chat_template(self) -> str | None:
+        if self.recipe.chat_template is None:
+            return None
+        from jaxmerge.recipes.tokenizer import resolve_chat_template  # noqa: PLC0415
+
+        return resolve_chat_template(self.recipe.chat_template, [m.path for m in self.models],
+                                     where=f"{self.recipe.where}: chat_template")
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -304,7 +334,25 @@ class RecipePlanner:
             if any(v is not None for v in values):
                 params[p.name] = values
         sources = tuple((sl.models[i], in_names[i]) for i in order)
+        if self.vocabulary is not None and self._has_vocabulary_axis(sl.models[order[0]], in_names[order[0]]):
+            # Embedding and LM-head rows re-indexed to the output vocabulary, as mergekit's PermutedVocabulary.
+            # mergekit's missing rows prefer the base model's row, whatever the method does with bases.
+            group = self.vocabulary.plan([sl.models[i] for i in order], sl.recipe_base)
+            rest = self._checkpoints[sl.models[order[0]]].tensors[in_names[order[0]]].shape[1:]
+            return OutputTensor(out_name, sources, has_base=has_base, params=params,
+                                prepare=functools.partial(group.align, vocabulary_axis=0),
+                                shape=(self.vocabulary.size, *rest))
         return OutputTensor(out_name, sources, has_base=has_base, params=params)
+
+    def _has_vocabulary_axis(self, index: int, name: str) -> bool:
+        """An input or output embedding: named so, with one row per token of its model's vocabulary."""
+        if not _VOCABULARY.search(name):
+            return False
+        from jaxmerge.recipes.tokenizer import config_vocab_size  # noqa: PLC0415
+
+        shape = self._checkpoints[index].tensors[name].shape
+        size = config_vocab_size(self.models[index].path) if self.models[index].directory else None
+        return len(shape) == 2 and (size is None or shape[0] == size)
 
     # -- output files ---------------------------------------------------------------------------
 
@@ -322,9 +370,16 @@ class RecipePlanner:
             recipe_text=text,
         )
         write_model_files(
-            out, donor=self.donor, tokenizer=self.tokenizer, dtype_code=code,
+            out, donor=self.donor, tokenizer=self.tokenizer if self.vocabulary is None else None, dtype_code=code,
             layers=self.output_layers, card=card, recipe_text=text,
+            vocab_size=self.vocabulary.size if self.vocabulary is not None else None,
         )
+        if self.vocabulary is not None:
+            self.vocabulary.save(out)
+        elif self.chat_template is not None and self.tokenizer is not None:
+            from jaxmerge.recipes.tokenizer import reserialize_tokenizer  # noqa: PLC0415
+
+            reserialize_tokenizer(self.tokenizer.path, out, self.chat_template)
 
     def record(self) -> dict:
         """Entries of jaxmerge_recipe.json beyond the plan's own."""
