@@ -28,6 +28,9 @@ import yaml
 
 from jaxmerge.formats.safetensors_io import CheckpointError
 
+# config.json keys that hold a layer stack's count (top level, or in text_config, vision_config, ...).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth", "encoder_layers", "decoder_layers",
+                    "num_decoder_layers")
 TOKENIZER_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "added_tokens.json",
     "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
@@ -144,8 +147,6 @@ def write_model_files(
 def _set_layers(config: dict, layers: dict[str | None, list[tuple[ModelDir, int]]]) -> None:
     """Each layer stack's count, at its key (dotted for sub-configs: `text_config.num_hidden_layers`), and the
     per-layer lists beside it (`layer_types`, sliding-window patterns) rebuilt from the layers' sources."""
-    from jaxmerge.recipes.architectures import LAYER_COUNT_KEYS  # noqa: PLC0415 - the recipe side owns layer counting
-
     for key, sources in layers.items():
         if key is None:  # a single stack whose count no key held as expected: the usual top-level keys
             key = next((k for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmerge.formats.safetensors_io import ALIGN, DTYPES, FLOAT_DTYPES, Checkpoint, CheckpointError, TensorInfo, aligned_empty
+from jaxmerge.formats.safetensors_io import DTYPES, FLOAT_DTYPES, Checkpoint, CheckpointError, TensorInfo, copy_to_host
 from jaxmerge.formats.sources import TensorSource, open_checkpoint
 
 PREFIX = "base_model.model."  # PeftModel's prefix of every saved key
@@ -381,20 +381,7 @@ class LoraFolded:
                 if fold.kind == "embedding":  # PEFT's Embedding rounds the delta to the weight's dtype first
                     delta = delta.astype(out_dtype).astype(compute)
             w = (w.astype(compute) + delta).astype(out_dtype)
-        return _into(w, into)
-
-
-def _into(array: np.ndarray, into: np.ndarray | None) -> np.ndarray:
-    """`array` in `into` when that is a suitable buffer, else in a fresh aligned one."""
-    nbytes = array.nbytes
-    if (into is not None and into.dtype == np.uint8 and into.ndim == 1 and into.flags.c_contiguous
-            and into.nbytes >= nbytes and into.ctypes.data % ALIGN == 0):
-        buf = into[:nbytes]
-    else:
-        buf = aligned_empty(nbytes)
-    out = buf.view(array.dtype).reshape(array.shape)
-    np.copyto(out, array)
-    return out
+        return copy_to_host(w, into)
 
 
 def mergekit_load_dtype(model_dir: str | os.PathLike, lora_merge_dtype: str | None = None) -> str | None:

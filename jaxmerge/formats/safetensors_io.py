@@ -198,11 +198,7 @@ class Checkpoint:
         if offset is None or sys.byteorder != "little":  # unparsed header, or a big-endian host: the library's path
             return np.array(self.read(name))
         nbytes = info.nbytes
-        if (into is not None and into.dtype == np.uint8 and into.ndim == 1 and into.flags.c_contiguous
-                and into.nbytes >= nbytes and into.ctypes.data % ALIGN == 0):
-            buf = into[:nbytes]
-        else:
-            buf = aligned_empty(nbytes)
+        buf = host_buffer(nbytes, into)
         try:
             with open(file, "rb", buffering=0) as f:
                 done = 0
@@ -216,6 +212,23 @@ class Checkpoint:
         except OSError as err:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({err.strerror or err})") from None
         return buf.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+def host_buffer(nbytes: int, into: np.ndarray | None = None) -> np.ndarray:
+    """`nbytes` of `into` when it can hold them (1-D contiguous uint8, ALIGN-aligned, long enough: a
+    reused buffer, see `Checkpoint.read_host`), else a fresh aligned buffer."""
+    if (into is not None and into.dtype == np.uint8 and into.ndim == 1 and into.flags.c_contiguous
+            and into.nbytes >= nbytes and into.ctypes.data % ALIGN == 0):
+        return into[:nbytes]
+    return aligned_empty(nbytes)
+
+
+def copy_to_host(array: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
+    """`array` copied into `host_buffer(array.nbytes, into)`: what a source's `read_host` returns
+    for a tensor it computed or read some other way."""
+    out = host_buffer(array.nbytes, into).view(array.dtype).reshape(array.shape)
+    np.copyto(out, array, casting="no")
+    return out
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from jaxmerge.formats.safetensors_io import ALIGN, DTYPES, CheckpointError, TensorInfo, _index_files, aligned_empty
+from jaxmerge.formats.safetensors_io import CheckpointError, TensorInfo, _index_files, copy_to_host
 
 SUFFIXES = (".bin", ".pt", ".pth")
 # torch dtype name (str(dtype) without "torch.") -> safetensors code
@@ -192,22 +192,13 @@ class TorchBinCheckpoint:
         Returns:
           An array of `tensors[name]`'s shape and dtype, owned by the caller (never a view of the mapped file).
         """
-        info = self.tensors.get(name)
         tensor = self._tensor(name).detach()
         torch = _torch(self._file_of[name])
         if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: same bits through uint16
             source = tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
         else:
             source = tensor.numpy()
-        nbytes = info.nbytes
-        if (into is not None and into.dtype == np.uint8 and into.ndim == 1 and into.flags.c_contiguous
-                and into.nbytes >= nbytes and into.ctypes.data % ALIGN == 0):
-            buf = into[:nbytes]
-        else:
-            buf = aligned_empty(nbytes)
-        out = buf.view(DTYPES[info.dtype]).reshape(info.shape)
-        np.copyto(out, source, casting="no")  # pages of the mapped file come in here
-        return out
+        return copy_to_host(source, into)  # pages of the mapped file come in here
 
     def close(self) -> None:
         """Drop the shard held (its mapping closes when no tensor refers to it)."""

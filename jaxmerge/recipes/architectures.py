@@ -28,12 +28,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from jaxmerge.formats.hf_model import LAYER_COUNT_KEYS
 from jaxmerge.formats.safetensors_io import CheckpointError
 
 # The first numeric name component: `prefix.N.rest` (GPT-2's `h.N.` has no dot before the prefix).
 _INDEX = re.compile(r"(?:^|\.)(\d+)\.")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth", "encoder_layers", "decoder_layers",
-                    "num_decoder_layers")
 _SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "encoder", "decoder")
 
 # mergekit's module names for the architectures it defines with several modules:
@@ -55,16 +54,6 @@ _KNOWN_MODULES: dict[str, tuple[tuple[str, str | None, str], ...]] = {
     "Qwen2VLForConditionalGeneration": (("text_decoder", "model.layers.", ""), ("vision_tower", "visual.blocks.", "visual.blocks."),
                                         ("multi_modal_projector", None, "visual.")),
 }
-
-
-def layer_count(config: dict | None) -> int | None:
-    """The config's number of layers of its (only or text) stack, or None."""
-    for scope in (config or {}, (config or {}).get("text_config") or {}):
-        for key in LAYER_COUNT_KEYS[:4]:
-            value = scope.get(key) if isinstance(scope, dict) else None
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-    return None
 
 
 @dataclass(frozen=True)

@@ -219,11 +219,7 @@ def parse_recipe(
     """
     if not isinstance(data, dict):
         raise CheckpointError(f"{where}: a recipe is a mapping with merge_method and models (or slices, or modules)")
-    for key in data:
-        if key in _OLD_KEYS and key not in _TOP_KEYS:
-            raise CheckpointError(f"{where}: {key} is jaxmerge's old recipe format; mergekit's key is {_OLD_KEYS[key]}")
-        if key not in _TOP_KEYS:
-            raise CheckpointError(f"{where}: unknown key {key!r} (mergekit's keys: {', '.join(_TOP_KEYS)})")
+    _check_keys(data, _TOP_KEYS, f"{where}: ", "mergekit's keys")
     if "merge_method" not in data:
         raise CheckpointError(f"{where}: merge_method is required (see `jaxmerge methods`)")
     name = data["merge_method"]
@@ -302,6 +298,20 @@ def recipe_from_flags(
     )
 
 
+def _check_keys(data: dict, allowed: tuple[str, ...], at: str, listed: str = "allowed") -> None:
+    """Every key of a recipe mapping is one of `allowed`; jaxmerge's old keys are named with their mergekit key.
+
+    Args:
+      at: the mapping's place as an error begins it ("recipe.yml: " or "recipe.yml: models[0].").
+    """
+    for key in data:
+        if key in _OLD_KEYS and key not in allowed:
+            raise CheckpointError(f"{at}{key} is jaxmerge's old recipe format; mergekit's key is {_OLD_KEYS[key]}")
+        if key not in allowed:
+            place = at[:-1] if at.endswith(".") else at.rstrip(": ")
+            raise CheckpointError(f"{place}: unknown key {key!r} ({listed}: {', '.join(allowed)})")
+
+
 def _model_ref(value: Any, where: str, *, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
@@ -315,9 +325,7 @@ def _tokenizer(data: Any, where: str) -> dict:
     checked against the models when the vocabulary is built (`jaxmerge.recipes.tokenizer`)."""
     if not isinstance(data, dict):
         raise CheckpointError(f"{where} must be a mapping of source, tokens, pad_to_multiple_of, got {data!r}")
-    for key in data:
-        if key not in ("source", "tokens", "pad_to_multiple_of"):
-            raise CheckpointError(f"{where}: unknown key {key!r} (allowed: source, tokens, pad_to_multiple_of)")
+    _check_keys(data, ("source", "tokens", "pad_to_multiple_of"), f"{where}.")
     out = {"source": _model_ref(data.get("source", "union"), f"{where}.source")}
     tokens = data.get("tokens")
     if tokens is not None and not isinstance(tokens, dict):
@@ -378,9 +386,7 @@ class _Parser:
     def module(self, data: Any, where: str) -> Module:
         if not isinstance(data, dict):
             raise CheckpointError(f"{self.file}: {where} must be a mapping with models or slices, got {data!r}")
-        for key in data:
-            if key not in ("models", "slices", "parameters"):
-                raise CheckpointError(f"{self.file}: {where}: unknown key {key!r} (allowed: models, slices, parameters)")
+        _check_keys(data, ("models", "slices", "parameters"), f"{self.file}: {where}.")
         if ("models" in data) == ("slices" in data):
             raise CheckpointError(f"{self.file}: {where}: give exactly one of models and slices")
         models, slices = self.models_or_slices(data, f"{where}.")
@@ -391,11 +397,7 @@ class _Parser:
         allowed = ("model", "parameters", "layer_range") if slice_source else ("model", "parameters")
         if not isinstance(data, dict):
             raise CheckpointError(f"{file}: {where} must be a mapping with {' and '.join(allowed)}, got {data!r}")
-        for key in data:
-            if key in _OLD_KEYS and key not in allowed:
-                raise CheckpointError(f"{file}: {where}.{key} is jaxmerge's old recipe format; mergekit's key is {_OLD_KEYS[key]}")
-            if key not in allowed:
-                raise CheckpointError(f"{file}: {where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+        _check_keys(data, allowed, f"{file}: {where}.")
         model = _model_ref(data.get("model"), f"{file}: {where}.model")
         layer_range = None
         if slice_source:
@@ -415,9 +417,7 @@ class _Parser:
         allowed = ("sources", "parameters", "base_model", "residual_weight")
         if not isinstance(data, dict):
             raise CheckpointError(f"{file}: {where} must be a mapping with sources, got {data!r}")
-        for key in data:
-            if key not in allowed:
-                raise CheckpointError(f"{file}: {where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+        _check_keys(data, allowed, f"{file}: {where}.")
         if "residual_weight" in data:
             # mergekit 0.1.5's schema has the key, and nothing reads it.
             self.unused.ignored(f"{where}.residual_weight", "has no effect in mergekit 0.1.5")
