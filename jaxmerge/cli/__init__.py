@@ -62,7 +62,7 @@ def _merge(args: argparse.Namespace) -> int:
     group = None
     try:
         # Warnings (a recipe's ignored parameters, a density that prunes nothing) are one line each.
-        warnings.showwarning = _one_line_warning
+        _warnings_as_lines("merge")
         if args.density is not None and args.density >= 1:
             warnings.warn(f"--density {args.density:g} is 1 or more: nothing is pruned", UserWarning, stacklevel=1)
         # SIGTERM while planning (opening checkpoints, resolving Hub ids) says so in one line;
@@ -77,8 +77,13 @@ def _merge(args: argparse.Namespace) -> int:
         return 2
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"jaxmerge merge: warning: {message}", file=sys.stderr)
+def _warnings_as_lines(command: str) -> None:
+    """Show every warning as one line `jaxmerge COMMAND: warning: ...` on stderr."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"jaxmerge {command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
 
 
 def _merge_checked(args: argparse.Namespace, group: _Group | None) -> int:
@@ -211,6 +216,37 @@ def _merge_adapters(args, adapters, combination_types, merge_lora) -> int:
         svd_clamp=args.svd_clamp, seed=args.seed or 0, force=args.force,
     )
     print(f"merged into {__import__('pathlib').Path(args.output).resolve()}")
+    return 0
+
+
+def _multi(args: argparse.Namespace) -> int:
+    """`jaxmerge multi FILE.yml -I DIR`: mergekit-multi's files (jaxmerge/tools/multi.py)."""
+    from jaxmerge.engine.compile_cache import enable_compile_cache
+    from jaxmerge.tools import multi
+
+    enable_compile_cache()
+    _warnings_as_lines("multi")
+    force = args.force or not args.lazy
+    try:
+        stages = multi.load_multi(args.config_file, intermediate_dir=args.intermediate_dir, out_path=args.out_path,
+                                  strict=args.strict)
+        plans = multi.check_stages(stages, force=force, seed=args.seed, max_shard_size=args.max_shard_size)
+        if args.dry_run:
+            for stage in stages:
+                plan, label = plans[stage.name], stage.where.split(": ", 1)[1]
+                if plan == "skip":
+                    print(f"{label}: {stage.output} is complete; skipped (--force reruns it)")
+                elif plan is None:
+                    print(f"{label}: into {stage.output} after {', '.join(stage.needs)} (planned once they exist)")
+                else:
+                    print(f"{label}: " + plan.describe())
+            print("dry run: nothing written")
+            return 0
+        multi.run_stages(stages, force=force, seed=args.seed, max_shard_size=args.max_shard_size,
+                         progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
+    except (ValueError, OSError) as err:
+        print(f"jaxmerge multi: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -355,6 +391,43 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, dtypes, peak memory); write nothing")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(run=_merge)
+
+    multi = commands.add_parser(
+        "multi",
+        help="run a mergekit-multi file: several named recipes, later ones merging earlier ones' outputs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Merge the recipes of a mergekit-multi file (YAML documents separated by ---, each a recipe\n"
+            "with a name) in dependency order. Merge NAME is written to INTERMEDIATE_DIR/NAME, and a\n"
+            "recipe naming NAME as a model (NAME or NAME+LORA) reads that output; the one recipe without\n"
+            "a name, if any, is written to --out-path. Merges whose output is complete (config.json and\n"
+            "weights) are skipped. The whole file is checked before the first merge (names, cycles,\n"
+            "recipes, models); a failing merge stops the run and the merges before it stay."
+        ),
+        epilog=(
+            "examples:\n"
+            "  jaxmerge multi multi.yml --intermediate-dir merges/\n"
+            "  jaxmerge multi multi.yml -I merges/ --out-path final/ --dry-run"
+        ),
+    )
+    multi.add_argument("config_file", metavar="FILE.yml", help="the multi-merge file (mergekit-multi's format)")
+    multi.add_argument(
+        "-I", "--intermediate-dir", "--output-dir", dest="intermediate_dir", required=True, metavar="DIR",
+        help="where each named merge is written (DIR/NAME)",
+    )
+    multi.add_argument("--out-path", help="where the unnamed (final) merge is written; required when the file has one")
+    multi.add_argument(
+        "--lazy", action=argparse.BooleanOptionalAction, default=True,
+        help="skip merges whose output is complete (default); --no-lazy reruns them, as --force",
+    )
+    multi.add_argument("--force", action="store_true", help="rerun every merge, replacing its output")
+    multi.add_argument("--seed", type=int, help="seed of the random methods' masks (default: each recipe's jaxmerge.seed, or 0)")
+    multi.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+    multi.add_argument("--strict", action="store_true", help="refuse what mergekit accepts and ignores, as `merge --strict`")
+    multi.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or inf")
+    multi.add_argument("--dry-run", action="store_true", help="check the file and print each merge's plan; write nothing")
+    multi.add_argument("--quiet", action="store_true", help="no progress bars")
+    multi.set_defaults(run=_multi)
 
     methods = commands.add_parser(
         "methods",
