@@ -470,3 +470,11 @@ def test_jaxmerge_merge_equals_mergekit(merged, name, tmp_path):
             np.testing.assert_allclose(a, b, **TOL, err_msg=f"{name} {tensor}")
     config_ours, config_theirs = (json.loads((d / "config.json").read_text()) for d in (out, mk))
     assert config_ours["vocab_size"] == config_theirs["vocab_size"] == vocab.size
+    # Loaded with transformers: mergekit's logits, token for token (by id where mergekit fixes the ids,
+    # else each output token's logit looked up by the token it stands for).
+    tokens = [t for t in sorted(theirs_vocab, key=theirs_vocab.get) if not t.startswith("<|")][:12]
+    ours_logits = tm.logits(out, np.array([[ours_vocab[t] for t in tokens]]))
+    theirs_logits = tm.logits(mk, np.array([[theirs_vocab[t] for t in tokens]]))
+    columns = sorted(theirs_vocab)
+    np.testing.assert_allclose(ours_logits[..., [ours_vocab[t] for t in columns]],
+                               theirs_logits[..., [theirs_vocab[t] for t in columns]], rtol=1e-4, atol=1e-5)
