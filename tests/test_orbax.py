@@ -378,7 +378,9 @@ def test_recipe_of_orbax_checkpoints_with_filters_and_base_listed(models, tmp_pa
 
 
 @pytest.mark.parametrize("body, message", [
-    ("slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 1]\n", "slices: Orbax checkpoints have no layer numbering"),
+    ("slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 1]\n", "slices: Orbax checkpoints have no layer stacks"),
+    ("modules:\n  default:\n    models:\n      - model: {a}\n", "modules: Orbax checkpoints have no layer stacks"),
+    ("models:\n  - model: {a}\n  - model: {b}\ntokenizer_source: union\n", "tokenizer_source: not supported for Orbax checkpoints"),
     ("models:\n  - model: {a}\n  - model: {st}\n", "is not an Orbax checkpoint, and Orbax and safetensors models cannot be mixed"),
     ("models:\n  - model: {a}\n  - model: {b}\ndtype: bfloat16\n", "dtype: not supported for Orbax checkpoints"),
     ("models:\n  - model: {a}\n    parameters: {{weight: [0.1, 0.9]}}\n  - model: {b}\n", "a gradient"),

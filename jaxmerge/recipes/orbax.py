@@ -15,8 +15,8 @@ with the leaf path (`['params']['dense']['kernel']`) as the tensor name that
   one more input, as in mergekit.
 
 What needs a Hugging Face model (layer numbering) is refused by name: `slices`,
-gradients (a list as a value), `dtype`/`out_dtype`, `tokenizer_source`, and
-Hub ids. Orbax and safetensors models cannot be mixed in one merge.
+`modules`, gradients (a list as a value), `dtype`/`out_dtype`, `tokenizer_source`,
+`tokenizer`, `chat_template`, and Hub ids. Orbax and safetensors models cannot be mixed in one merge.
 """
 
 from __future__ import annotations
@@ -43,11 +43,13 @@ class _OrbaxRecipe:
         self.recipe = recipe
         self.method = table.get(recipe.merge_method)
         file = recipe.where
-        if recipe.slices is not None:
-            raise CheckpointError(f"{file}: slices: Orbax checkpoints have no layer numbering; merge them with models")
-        for key in ("dtype", "out_dtype", "tokenizer_source"):
+        for key in ("slices", "modules"):
             if getattr(recipe, key) is not None:
-                raise CheckpointError(f"{file}: {key}: not supported for Orbax checkpoints (leaves keep their dtypes)")
+                raise CheckpointError(f"{file}: {key}: Orbax checkpoints have no layer stacks; merge them with models")
+        for key in ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
+            if getattr(recipe, key) is not None:
+                why = "leaves keep their dtypes" if "dtype" in key else "Orbax checkpoints carry no tokenizer"
+                raise CheckpointError(f"{file}: {key}: not supported for Orbax checkpoints ({why})")
         if uses_gradients(recipe):
             raise CheckpointError(f"{file}: a gradient (a list of values) needs numbered layers; Orbax checkpoints have none")
         where = (lambda s: f"{file}: {s.where}.model") if recipe.path else (lambda s: "input")
