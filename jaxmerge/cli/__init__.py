@@ -250,6 +250,39 @@ def _multi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract_lora(args: argparse.Namespace) -> int:
+    """`jaxmerge extract-lora --model FT --base BASE --output OUT`: mergekit-extract-lora (jaxmerge/tools/extract_lora.py)."""
+    from jaxmerge.engine._atomic import sigterm_before_writing
+    from jaxmerge.formats.safetensors_io import CheckpointError
+    from jaxmerge.tools import extract_lora as xl
+
+    def warn(line: str) -> None:
+        if not args.quiet:
+            print(f"jaxmerge extract-lora: warning: {line}", file=sys.stderr)
+
+    options = dict(
+        max_rank=args.max_rank, distribute_scale=args.distribute_scale, embed_lora=args.embed_lora,
+        modules_to_save=args.modules_to_save or [], include_regexes=args.include_regexes or [],
+        exclude_regexes=args.exclude_regexes or [], sv_epsilon=args.sv_epsilon,
+        skip_undecomposable=args.skip_undecomposable, decomposition=args.decomposition, seed=args.seed,
+    )
+    try:
+        with sigterm_before_writing(args.output):
+            plan = xl.extract_lora_adapter(
+                args.model, args.base, args.output, force=args.force, progress=not args.quiet, warn=warn,
+                invocation=xl.command_line(args.model, args.base, args.output, **options), **options,
+            )
+    except (CheckpointError, ValueError, FileExistsError) as err:
+        print(f"jaxmerge extract-lora: error: {err}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(xl.format_report(plan))
+    from pathlib import Path
+
+    print(f"LoRA adapter extracted to {Path(args.output).resolve()} (report: {xl.REPORT_FILE})")
+    return 0
+
+
 def _param(text: str) -> tuple[str, object]:
     """NAME=VALUE for --param: numbers, true/false, or a string; the method table checks it."""
     name, sep, value = text.partition("=")
@@ -320,15 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser(
         "merge",
-        help="merge safetensors checkpoints or PEFT LoRA adapters from disk",
+        help="merge checkpoints (safetensors, .bin, Orbax), mergekit recipes or PEFT LoRA adapters from disk",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Merge models from disk, tensor by tensor, without loading whole models.\n\n"
             "INPUTS are checkpoints (Hugging Face model directories, Hub repo ids, a .safetensors\n"
-            "file or a sharded checkpoint's index JSON), Orbax checkpoint directories (the output\n"
+            "file or a sharded checkpoint's index JSON; PyTorch .bin files, read without running\n"
+            "their code), Orbax checkpoint directories (the output\n"
             "is then an Orbax checkpoint) or PEFT LoRA adapter directories, merged\n"
             "with --method; or one recipe.yml in mergekit's configuration schema (see\n"
-            "jaxmerge/recipes/schema.py), which sets the method and its parameters itself.\n\n"
+            "jaxmerge/recipes/schema.py: models, slices, modules, tokenizers, chat templates,\n"
+            "MODEL+LORA references), which sets the method and its parameters itself.\n\n"
             "The output appears only when complete (built in a temporary directory beside it);\n"
             "inputs are opened read-only. Model directories give a loadable model directory:\n"
             "config.json, generation_config.json, tokenizer, README.md and the recipe\n"
@@ -438,6 +473,57 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("name", nargs="?", help="show one method only")
     methods.add_argument("--markdown", action="store_true", help="print the table as Markdown (as in the README)")
     methods.set_defaults(run=_methods)
+
+    extract = commands.add_parser(
+        "extract-lora",
+        help="extract a PEFT LoRA adapter from a fine-tune and its base (mergekit-extract-lora)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Factor each weight's task vector (fine-tune - base) by truncated SVD into a PEFT LoRA\n"
+            "adapter (B @ A, scaling 1) with mergekit-extract-lora's rules and options: which modules\n"
+            "are decomposed, which are saved whole (embeddings, norms: modules_to_save), the ranks,\n"
+            "rank_pattern/alpha_pattern and lora_alpha. Streamed tensor by tensor; the adapter directory\n"
+            "(adapter_config.json, adapter_model.safetensors, README.md, extract_lora_report.json)\n"
+            "appears only when complete. --model and --base take model directories, Hub ids,\n"
+            "safetensors or .bin checkpoints, or MODEL+LORA."
+        ),
+        epilog=(
+            "examples:\n"
+            "  jaxmerge extract-lora --model ft/ --base base/ --output lora/\n"
+            "  jaxmerge extract-lora --model ft/ --base base/ --output lora/ --max-rank 32 -e 'lm_head' --decomposition exact"
+        ),
+    )
+    extract.add_argument("--model", required=True, help="the fine-tuned model")
+    extract.add_argument("--base", "--base-model", dest="base", required=True, help="the base model")
+    extract.add_argument("--output", "--out-path", dest="output", required=True, help="the adapter directory (created atomically)")
+    extract.add_argument("--max-rank", type=int, default=128, help="largest rank of each module's LoRA (default 128)")
+    extract.add_argument(
+        "--distribute-scale", action=argparse.BooleanOptionalAction, default=True,
+        help="split the singular values between A and B as sqrt(S) each (default), or put them on A",
+    )
+    extract.add_argument(
+        "--embed-lora", action=argparse.BooleanOptionalAction, default=False,
+        help="decompose the embeddings too, instead of saving them whole in modules_to_save (default: whole)",
+    )
+    extract.add_argument("--save-module", dest="modules_to_save", action="append", metavar="NAME",
+                         help="save modules named NAME (full name or last component) whole; repeatable")
+    extract.add_argument("--include-regex", "-i", dest="include_regexes", action="append", metavar="REGEX",
+                         help="decompose only modules whose name matches (re.search); repeatable")
+    extract.add_argument("--exclude-regex", "-e", dest="exclude_regexes", action="append", metavar="REGEX",
+                         help="leave out modules whose name matches; repeatable")
+    extract.add_argument("--sv-epsilon", type=float, default=0.0,
+                         help="also drop singular values <= this, lowering a module's rank (default 0: off)")
+    extract.add_argument("--skip-undecomposable", action="store_true",
+                         help="leave out modules that cannot be decomposed (norms) instead of saving them whole")
+    extract.add_argument(
+        "--decomposition", choices=["auto", "exact", "randomized"], default="auto",
+        help="exact: full SVD (mergekit's); randomized: Halko et al. (2011) with rank oversampling and 3 power "
+        "iterations; auto (default): randomized when rank + oversampling <= a quarter of the smaller side",
+    )
+    extract.add_argument("--seed", type=int, default=0, help="seed of the randomized sketches (default 0)")
+    extract.add_argument("--force", action="store_true", help="replace an existing output")
+    extract.add_argument("--quiet", action="store_true", help="no progress bar, warnings or per-module table")
+    extract.set_defaults(run=_extract_lora)
     return parser
 
 

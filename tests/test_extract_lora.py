@@ -1,0 +1,445 @@
+"""`jaxmerge extract-lora` against mergekit 0.1.5's `mergekit-extract-lora`, PEFT and the fine-tune itself.
+
+A tiny Llama family (base + one fine-tune, float32, built offline) is extracted by mergekit (one
+subprocess, several option sets) and by jaxmerge with the same options: with the exact
+decomposition every module's B @ A equals mergekit's (float32 round-off) and the adapter config
+agrees key for key; the randomized decomposition stays within 1% of the exact truncated SVD's
+error; PEFT loads the adapter and its logits are those of base + B @ A; folding the adapter back
+(`LoraFolded`) gives the fine-tune (exactly at full rank); bad inputs exit 2 with one line before
+any tensor is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import make_family, offline_env  # noqa: E402
+
+from jaxmerge.cli import main as cli_main  # noqa: E402
+from jaxmerge.formats.lora import LoraFolded, load_adapter  # noqa: E402
+from jaxmerge.tools import extract_lora as xl  # noqa: E402
+
+# Option sets run by both tools (mergekit's flags; jaxmerge takes the same names).
+CASES = {
+    # max-rank 128 >= every matrix's rank: full rank (k/v projections 16, the rest 32: a rank_pattern).
+    "default": [],
+    "rank8": ["--max-rank", "8"],
+    # mergekit 0.1.5 crashes with --save-module whenever it adds a name to modules_to_save itself (it appends
+    # to click's tuple): with --embed-lora and --skip-undecomposable it adds none.
+    "options": ["--max-rank", "4", "--no-distribute-scale", "--embed-lora", "--skip-undecomposable",
+                "-i", r"layers\.[01]\.", "-i", "embed", "-i", "lm_head", "-e", r"layers\.1\.mlp", "--save-module", "o_proj"],
+    "skip": ["--max-rank", "6", "--skip-undecomposable", "-e", "down_proj"],
+    # --sv-epsilon is added by the fixture (a value away from every singular value).
+    "epsilon": ["--max-rank", "12"],
+}
+
+_DRIVER = """
+import json, sys, logging
+logging.disable(logging.WARNING)
+from mergekit.scripts.extract_lora import main
+for args in json.loads(sys.argv[1]):
+    main.main(args, standalone_mode=False)
+"""
+
+
+def _epsilon(base: Path, ft: Path) -> float:
+    """A singular-value threshold between the 4th and 12th values of the deltas, away from all of them."""
+    b, f = load_file(str(base / "model.safetensors")), load_file(str(ft / "model.safetensors"))
+    values = np.concatenate([np.linalg.svd(f[k] - b[k], compute_uv=False) for k in f
+                             if f[k].ndim == 2 and "layers" in k])
+    values = np.sort(values)
+    for candidate in np.quantile(values, np.linspace(0.3, 0.7, 41)):
+        if np.min(np.abs(values - candidate)) > 1e-4 * candidate:
+            return float(f"{candidate:.6g}")
+    raise AssertionError("no threshold away from the singular values")
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Base, fine-tune, mergekit's adapters (one process) and jaxmerge's exact ones, per case."""
+    root = tmp_path_factory.mktemp("xlora")
+    base, ft = make_family(root, "llama", 1)
+    eps = _epsilon(base, ft)
+    cases = {name: list(args) for name, args in CASES.items()}
+    cases["epsilon"] += ["--sv-epsilon", str(eps)]
+    jobs = [["--model", str(ft), "--base-model", str(base), "--out-path", str(root / f"mk-{name}"), *args]
+            for name, args in cases.items()]
+    result = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(jobs)], cwd=root, env=offline_env(),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name, args in cases.items():
+        code = cli_main(["extract-lora", "--model", str(ft), "--base", str(base), "--output", str(root / f"jx-{name}"),
+                         "--decomposition", "exact", "--quiet", *args])
+        assert code == 0
+    return {"root": root, "base": base, "ft": ft, "cases": cases}
+
+
+def _products(directory: Path) -> tuple[dict, dict, dict]:
+    """(module -> B @ A laid out as the weight, times scaling; other tensors; config)."""
+    adapter = load_adapter(directory)
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    products, others = {}, {}
+    for module, kind in adapter.layers().items():
+        a, b = (np.asarray(x, np.float64) for x in adapter.factors(module, kind))
+        products[module] = (b @ a if kind == "linear" else (b @ a).T) * adapter.scaling(module)
+    for name, value in tensors.items():
+        if ".lora_" not in name:
+            others[name] = value
+    return products, others, adapter.config
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exact_matches_mergekit(family, case):
+    root = family["root"]
+    mk, jx = root / f"mk-{case}", root / f"jx-{case}"
+    mk_products, mk_others, mk_config = _products(mk)
+    jx_products, jx_others, jx_config = _products(jx)
+    assert set(load_file(str(jx / "adapter_model.safetensors"))) == set(load_file(str(mk / "adapter_model.safetensors")))
+    assert set(jx_config["target_modules"]) == set(mk_config["target_modules"])
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "peft_type", "task_type",
+                "use_rslora", "lora_dropout", "fan_in_fan_out", "inference_mode"):
+        assert jx_config[key] == mk_config[key], key
+    assert jx_config["base_model_name_or_path"] == str(family["base"])
+    for name, value in mk_others.items():
+        np.testing.assert_array_equal(jx_others[name], value, err_msg=name)
+    for module, product in mk_products.items():
+        scale = np.abs(product).max()
+        np.testing.assert_allclose(jx_products[module], product, rtol=0, atol=1e-4 * scale, err_msg=module)
+    # The factors themselves follow mergekit's scale split: with --no-distribute-scale B = U (orthonormal columns).
+    if "--no-distribute-scale" in CASES[case]:
+        b = load_file(str(jx / "adapter_model.safetensors"))[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+        np.testing.assert_allclose(b.T @ b, np.eye(b.shape[1]), atol=1e-5)
+
+
+def test_report_and_card(family, capsys):
+    out = family["root"] / "jx-printed"
+    assert cli_main(["extract-lora", "--model", str(family["ft"]), "--base", str(family["base"]), "--output", str(out),
+                     "--max-rank", "8"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / xl.REPORT_FILE).read_text())
+    modules = report["modules"]
+    assert len(modules) == 28 and {m["rank"] for m in modules} == {8}
+    for m in modules:
+        assert 0 < m["energy_kept"] < 1 and 0 < m["relative_error"] < 1
+        # Exact SVD: the error is what the discarded singular values leave.
+        assert m["relative_error"] == pytest.approx(np.sqrt(1 - m["energy_kept"]), rel=1e-3)
+        assert m["module"] in printed
+    assert "28 modules decomposed" in printed
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card
+    assert f"--model {family['ft']}" in card and "--max-rank 8" in card
+
+
+def _fold(base: Path, adapter: Path, into: Path) -> Path:
+    """A model directory holding base + the adapter (LoraFolded), with the base's config."""
+    folded = LoraFolded(base, adapter)
+    into.mkdir()
+    save_file({n: np.ascontiguousarray(folded.read_host(n)) for n in folded.tensors}, str(into / "model.safetensors"),
+              metadata={"format": "pt"})
+    shutil.copy(base / "config.json", into / "config.json")
+    return into
+
+
+def test_fold_back_reproduces_the_finetune(family):
+    base, ft, root = family["base"], family["ft"], family["root"]
+    ft_tensors = load_file(str(ft / "model.safetensors"))
+    # Full rank (max-rank 128 covers every matrix): the fine-tune itself.
+    folded = LoraFolded(base, root / "jx-default")
+    for name, value in ft_tensors.items():
+        np.testing.assert_allclose(folded.read_host(name), value, rtol=0, atol=2e-6, err_msg=name)
+    # Truncated: each module misses the fine-tune by its reported error.
+    folded = LoraFolded(base, root / "jx-rank8")
+    base_tensors = load_file(str(base / "model.safetensors"))
+    report = {m["module"]: m for m in json.loads((root / "jx-rank8" / xl.REPORT_FILE).read_text())["modules"]}
+    for module, m in report.items():
+        name = module + ".weight"
+        delta = ft_tensors[name] - base_tensors[name]
+        error = np.linalg.norm(folded.read_host(name) - ft_tensors[name]) / np.linalg.norm(delta)
+        assert error == pytest.approx(m["relative_error"], rel=1e-3), module
+    for name in ("model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"):
+        np.testing.assert_array_equal(folded.read_host(name), ft_tensors[name])
+
+
+@pytest.mark.parametrize("case", ["default", "rank8", "options"])
+def test_peft_loads_the_adapter(family, case):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, ft, root = family["base"], family["ft"], family["root"]
+    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, 128, size=(2, 12)))
+
+    def logits(model):
+        model.eval()
+        with torch.no_grad():
+            return model(tokens).logits.float().numpy()
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                           root / f"jx-{case}")
+    adapted = logits(peft_model)
+    expected_dir = ft if case == "default" else _fold(base, root / f"jx-{case}", root / f"folded-{case}")
+    expected = logits(AutoModelForCausalLM.from_pretrained(expected_dir, dtype=torch.float32))
+    np.testing.assert_allclose(adapted, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    if case != "default":  # a truncated adapter is not the fine-tune
+        assert not np.allclose(adapted, logits(AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32)),
+                               atol=1e-3 * np.abs(expected).max())
+
+
+def test_randomized_close_to_exact_on_the_model(family):
+    root = family["root"]
+    exact_dir, rand_dir = root / "jx-exact4", root / "jx-rand4"
+    for out, method in ((exact_dir, "exact"), (rand_dir, "randomized")):
+        assert cli_main(["extract-lora", "--model", str(family["ft"]), "--base", str(family["base"]),
+                         "--output", str(out), "--max-rank", "4", "--decomposition", method, "--quiet"]) == 0
+    exact = {m["module"]: m for m in json.loads((exact_dir / xl.REPORT_FILE).read_text())["modules"]}
+    rand = {m["module"]: m for m in json.loads((rand_dir / xl.REPORT_FILE).read_text())["modules"]}
+    assert {m["decomposition"] for m in rand.values()} == {"randomized"}
+    for module, m in exact.items():
+        assert rand[module]["relative_error"] <= 1.01 * m["relative_error"], module
+    # Seeded: the same seed gives the same bytes.
+    again = root / "jx-rand4-again"
+    assert cli_main(["extract-lora", "--model", str(family["ft"]), "--base", str(family["base"]), "--output",
+                     str(again), "--max-rank", "4", "--decomposition", "randomized", "--quiet"]) == 0
+    assert (again / "adapter_model.safetensors").read_bytes() == (rand_dir / "adapter_model.safetensors").read_bytes()
+
+
+def _spectrum_matrix(rng, m, n, values):
+    u, _ = np.linalg.qr(rng.standard_normal((m, len(values))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, len(values))))
+    return ((u * values) @ v.T).astype(np.float32)
+
+
+def test_randomized_within_one_percent_of_exact():
+    """The randomized rule (oversampling max(10, rank), 3 power iterations) against the exact truncated
+    SVD, on the hardest spectrum measured (Gaussian: flat) and on decaying ones, up to rank = n/4."""
+    rng = np.random.default_rng(0)
+    m, n = 384, 256
+    i = np.arange(1, n + 1)
+    matrices = {
+        "gaussian": rng.standard_normal((m, n)).astype(np.float32),
+        "power-law": _spectrum_matrix(rng, m, n, i ** -0.5),
+        "exponential": _spectrum_matrix(rng, m, n, np.exp(-i / 20)),
+        "low-rank+noise": (rng.standard_normal((m, 16)) @ rng.standard_normal((16, n))
+                           + 0.3 * rng.standard_normal((m, n))).astype(np.float32),
+    }
+    worst = 0.0
+    for name, x in matrices.items():
+        for rank in (8, 16, 32, 64):
+            _, exact = xl.decompose(x, rank, decomposition="exact")
+            (a, b), rand = xl.decompose(x, rank, decomposition="randomized", key=jax.random.key(rank))
+            assert rand.decomposition == "randomized" and a.shape == (rank, n) and b.shape == (m, rank)
+            ratio = rand.relative_error / exact.relative_error
+            worst = max(worst, ratio - 1)
+            assert ratio <= 1.01, (name, rank, ratio)
+            # The report's error is the factors' own.
+            assert rand.relative_error == pytest.approx(
+                float(np.linalg.norm(x - np.asarray(b) @ np.asarray(a)) / np.linalg.norm(x)), rel=1e-4)
+    assert worst > 0  # the check has teeth: randomized is not exact here
+
+
+def test_auto_rule():
+    assert xl.choose_decomposition((4096, 4096), 128) == "randomized"  # 4 x (128 + 128) <= 4096
+    assert xl.choose_decomposition((1024, 4096), 128) == "randomized"
+    assert xl.choose_decomposition((1000, 4096), 128) == "exact"
+    assert xl.choose_decomposition((64, 32), 8) == "exact"
+    assert xl.choose_decomposition((64, 32), 8, "randomized") == "randomized"
+    with pytest.raises(ValueError):
+        xl.choose_decomposition((4, 4), 1, "fast")
+
+
+def test_pytree_api():
+    rng = np.random.default_rng(1)
+    base = {"dense": {"kernel": rng.standard_normal((12, 8)).astype(np.float32),
+                      "bias": rng.standard_normal(8).astype(np.float32)},
+            "conv": rng.standard_normal((3, 3, 4)).astype(np.float32),
+            "same": np.ones((6, 5), np.float32)}
+    ft = {"dense": {"kernel": base["dense"]["kernel"] + rng.standard_normal((12, 8)).astype(np.float32),
+                    "bias": base["dense"]["bias"] + 1},
+          "conv": base["conv"] + 1, "same": np.ones((6, 5), np.float32)}
+    factors, report = xl.extract_lora(ft, base, rank=8)
+    a, b = factors["dense"]["kernel"]
+    assert isinstance(factors["dense"]["kernel"], xl.LoraFactors)
+    assert a.shape == (8, 8) and b.shape == (12, 8)
+    np.testing.assert_allclose(b @ a, ft["dense"]["kernel"] - base["dense"]["kernel"], atol=1e-5)
+    assert factors["dense"]["bias"] is None and factors["conv"] is None
+    assert set(report) == {"['dense']['kernel']", "['same']"}
+    assert report["['dense']['kernel']"].relative_error < 1e-5
+    assert report["['same']"].energy_kept == 1.0 and report["['same']"].relative_error == 0.0
+    # Truncation, sv_epsilon (a zero delta has no singular value above it) and jnp inputs.
+    factors, report = xl.extract_lora(jax.tree.map(jnp.asarray, ft), base, rank=3, sv_epsilon=1e-6,
+                                      decomposition="randomized")
+    assert factors["dense"]["kernel"].a.shape == (3, 8) and factors["same"] is None
+    assert report["['same']"].rank == 0 and 0 < report["['dense']['kernel']"].energy_kept < 1
+    # bfloat16 leaves give bfloat16 factors, computed in float32.
+    bf = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), (ft, base))
+    factors, _ = xl.extract_lora(*bf, rank=8)
+    assert factors["dense"]["kernel"].a.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="rank"):
+        xl.extract_lora(ft, base, rank=0)
+    with pytest.raises(ValueError, match="shape"):
+        xl.extract_lora(ft, {**base, "same": np.ones((5, 6), np.float32)})
+
+
+def test_module_types_from_names_match_transformers(family):
+    plans = {}
+    for types in ("names", "transformers"):
+        plan, _, _ = xl.plan_extraction(family["ft"], family["base"], family["root"] / "unused", module_types=types,
+                                        warn=lambda line: None)
+        plans[types] = plan
+    assert plans["transformers"].module_types == "transformers LlamaForCausalLM"
+    assert plans["names"].modules_to_save == plans["transformers"].modules_to_save
+    assert sorted(plans["names"].work, key=lambda w: w.module) == sorted(plans["transformers"].work,
+                                                                         key=lambda w: w.module)
+    auto, _, _ = xl.plan_extraction(family["ft"], family["base"], family["root"] / "unused", warn=lambda line: None)
+    assert auto.module_types == "tensor names"  # a Llama with its own lm_head: no torch needed
+
+
+def _bad(family, tmp_path, capsys, monkeypatch, *args, model=None, base=None, output=None):
+    """Run the command expecting exit 2, one line on stderr, no output and no decomposition started."""
+    def never(*a, **k):
+        raise AssertionError("a tensor was decomposed before the input was refused")
+
+    monkeypatch.setattr(xl, "_lora_kernel", never)
+    monkeypatch.setattr(xl, "_singular_values", never)
+    output = output or tmp_path / "out"
+    code = cli_main(["extract-lora", "--model", str(model or family["ft"]), "--base", str(base or family["base"]),
+                     "--output", str(output), "--quiet", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("jaxmerge extract-lora: error:"), err
+    assert not output.exists()
+    return err
+
+
+def _copy_model(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_bad_inputs(family, tmp_path, capsys, monkeypatch):
+    err = _bad(family, tmp_path, capsys, monkeypatch, "--max-rank", "0")
+    assert "--max-rank" in err
+    err = _bad(family, tmp_path, capsys, monkeypatch, "-i", "no_such_module")
+    assert "no_such_module" in err and "matches no module" in err
+    err = _bad(family, tmp_path, capsys, monkeypatch, "-e", "nothing_here")
+    assert "nothing_here" in err
+    _bad(family, tmp_path, capsys, monkeypatch, "-i", "(unclosed")
+    _bad(family, tmp_path, capsys, monkeypatch, "--sv-epsilon", "-1")
+    err = _bad(family, tmp_path, capsys, monkeypatch, output=family["base"] / "lora")
+    assert "lies inside" in err
+    missing = _copy_model(family["base"], tmp_path / "missing", lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
+    err = _bad(family, tmp_path, capsys, monkeypatch, base=missing)
+    assert "model.layers.2.mlp.up_proj.weight" in err
+    reshaped = _copy_model(family["base"], tmp_path / "reshaped", lambda t: t.update(
+        {"model.layers.1.self_attn.q_proj.weight": np.zeros((32, 16), np.float32)}))
+    err = _bad(family, tmp_path, capsys, monkeypatch, base=reshaped)
+    assert "q_proj" in err and "[32, 16]" in err
+    # Everything excluded: nothing to decompose.
+    err = _bad(family, tmp_path, capsys, monkeypatch, "-e", "proj")
+    assert "no module" in err
+    # An existing output without --force.
+    (tmp_path / "exists").mkdir()
+    code = cli_main(["extract-lora", "--model", str(family["ft"]), "--base", str(family["base"]), "--output",
+                     str(tmp_path / "exists"), "--quiet"])
+    assert code == 2 and "--force" in capsys.readouterr().err
+
+
+def test_model_plus_lora_reference_round_trip(family, tmp_path):
+    """--model BASE+ADAPTER (mergekit's reference): a rank-8 adapter's delta is rank 8, so extracting it
+    at rank 8 gives the adapter's products back."""
+    root = family["root"]
+    out = tmp_path / "again"
+    assert cli_main(["extract-lora", "--model", f"{family['base']}+{root / 'jx-rank8'}", "--base", str(family["base"]),
+                     "--output", str(out), "--max-rank", "8", "--decomposition", "exact", "--quiet"]) == 0
+    first, _, _ = _products(root / "jx-rank8")
+    second, _, config = _products(out)
+    assert config["r"] == 8 and set(first) == set(second)
+    for module, product in first.items():
+        np.testing.assert_allclose(second[module], product, rtol=0, atol=1e-5 * np.abs(product).max(), err_msg=module)
+
+
+def test_vocabulary_resized(family, tmp_path):
+    """A fine-tune with more tokens: --embed-lora is turned off (warning), the embeddings are saved whole,
+    the card says to resize the base's embeddings (as mergekit)."""
+    rng = np.random.default_rng(0)
+
+    def grow(tensors):
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = np.concatenate([tensors[name], rng.standard_normal((8, 32)).astype(np.float32)])
+
+    ft = _copy_model(family["ft"], tmp_path / "ft-136", grow)
+    warnings = []
+    plan = xl.extract_lora_adapter(ft, family["base"], tmp_path / "out", max_rank=4, embed_lora=True,
+                                   warn=warnings.append)
+    assert any("vocabulary size mismatch" in w for w in warnings)
+    assert plan.options["embed_lora"] is False and {"embed_tokens", "lm_head"} <= set(plan.modules_to_save)
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert saved["base_model.model.model.embed_tokens.weight"].shape == (136, 32)
+    assert "model.resize_token_embeddings(136)" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_bare_checkpoints_conv_bias_and_norm(tmp_path):
+    """Safetensors files without config.json: module types from the names. A conv weight gets PEFT's conv
+    layout, a Linear's bias its delta (lora_B.bias, with lora_bias), a norm is saved whole; folding the
+    full-rank adapter back gives the fine-tune."""
+    rng = np.random.default_rng(2)
+    shapes = {"conv.weight": (6, 3, 3, 3), "fc.weight": (5, 7), "fc.bias": (5,), "norm.weight": (7,)}
+    base = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    ft = {k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    plan = xl.extract_lora_adapter(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", tmp_path / "lora",
+                                   warn=lambda line: None)
+    assert plan.module_types == "tensor names" and plan.ranks == {"conv": 6, "fc": 5}
+    saved = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert saved["base_model.model.conv.lora_A.weight"].shape == (6, 3, 3, 3)
+    assert saved["base_model.model.conv.lora_B.weight"].shape == (6, 6, 1, 1)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["modules_to_save"] == ["norm"]
+    assert config["rank_pattern"] == {"fc": 5}
+    folded = LoraFolded(tmp_path / "base.safetensors", tmp_path / "lora")
+    for name, value in ft.items():
+        np.testing.assert_allclose(folded.read_host(name), value, rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_peft_applies_bias_deltas(tmp_path):
+    """A Qwen2 (biased q/k/v projections): the bias deltas are saved as lora_B.bias with lora_bias true,
+    so PEFT reproduces the fine-tune, biases included (mergekit saves them without the flag)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p) * p.abs().mean().clamp_min(1e-3))
+    model.save_pretrained(tmp_path / "ft")
+    plan = xl.extract_lora_adapter(tmp_path / "ft", tmp_path / "base", tmp_path / "lora", warn=lambda line: None)
+    assert plan.config()["lora_bias"] is True
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias" in load_file(
+        str(tmp_path / "lora" / "adapter_model.safetensors"))
+    tokens = torch.randint(0, 128, (2, 10))
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
+                                        tmp_path / "lora").eval()
+    with torch.no_grad():
+        got, want = adapted(tokens).logits.numpy(), model.eval()(tokens).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
