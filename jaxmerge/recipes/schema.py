@@ -190,19 +190,34 @@ def load_recipe(path: str | Path, *, strict: bool = False) -> Recipe:
       MethodError: an unknown method or parameter.
     """
     path = Path(path)
+    text, data = read_yaml(path, "recipe")
+    return parse_recipe(data, where=str(path), path=path, text=text, strict=strict)
+
+
+def read_yaml(path: Path, what: str, *, documents: bool = False, error: type[Exception] = CheckpointError):
+    """Read a YAML file (a recipe, a multi-merge file) with one-line errors naming the file, line and column.
+
+    Args:
+      path: the file.
+      what: what the file is, for the unreadable-file error ("recipe").
+      documents: read every `---`-separated document (a list) instead of one.
+      error: the exception class raised.
+
+    Returns:
+      (the text, the parsed YAML).
+    """
     try:
-        text = path.read_text()
+        text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read the recipe ({err.strerror if isinstance(err, OSError) else err})") from None
+        raise error(f"{path}: cannot read the {what} ({err.strerror if isinstance(err, OSError) else err})") from None
     try:
-        data = yaml.safe_load(text)
+        return text, (list(yaml.safe_load_all(text)) if documents else yaml.safe_load(text))
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise CheckpointError(f"{path}{at}: malformed YAML: {err.problem or err.context}") from None
+        raise error(f"{path}{at}: malformed YAML: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
-        raise CheckpointError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
-    return parse_recipe(data, where=str(path), path=path, text=text, strict=strict)
+        raise error(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
 
 
 def parse_recipe(

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import yaml
 
 from jaxmerge.formats.safetensors_io import CheckpointError
-from jaxmerge.recipes.schema import Recipe, RecipeWarning, parse_recipe
+from jaxmerge.recipes.schema import Recipe, RecipeWarning, parse_recipe, read_yaml
 
 # mergekit/scripts/multimerge.py: a merge is complete when config.json and one of these exist.
 MODEL_CHECK_FILENAMES = (
@@ -144,18 +144,8 @@ def load_multi(path: str | os.PathLike, *, intermediate_dir: str, out_path: str 
         a duplicate or bad name, a cycle, a recipe error, an unnamed merge without `out_path`).
     """
     file = str(path)
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise MultiError(f"{file}: cannot read the file ({err.strerror if isinstance(err, OSError) else err})") from None
-    try:
-        docs = [(i, d) for i, d in enumerate(yaml.safe_load_all(text), 1) if d is not None]  # empty documents: none
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise MultiError(f"{file}{at}: malformed YAML: {err.problem or err.context}") from None
-    except yaml.YAMLError as err:
-        raise MultiError(f"{file}: malformed YAML: {str(err).splitlines()[0]}") from None
+    _, parsed = read_yaml(path, "file", documents=True, error=MultiError)
+    docs = [(i, d) for i, d in enumerate(parsed, 1) if d is not None]  # empty documents: none
     if not docs:
         raise MultiError(f"{file}: no recipes (YAML documents separated by ---, each with a name)")
     named: dict[str | None, dict] = {}
