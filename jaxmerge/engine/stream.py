@@ -44,6 +44,7 @@ from jaxmerge.engine._finite import finite_flags as _finite, raise_unless_finite
 from jaxmerge.engine._pipeline import PhaseProfile, run_ordered
 from jaxmerge.formats.safetensors_io import (
     ALIGN,
+    DTYPE_NAMES,
     DTYPES,
     FLOAT_DTYPES,
     Checkpoint,
@@ -60,8 +61,6 @@ from jaxmerge.formats.sources import TensorSource, checkpoint_files, open_checkp
 from jaxmerge.methods._table import MethodError
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
 
-# mergekit's dtype names (recipes' `dtype` / `out_dtype`) -> safetensors codes.
-DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 DEFAULT_DEPTH = 2
 logger = logging.getLogger(__name__)

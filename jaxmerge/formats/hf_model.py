@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from jaxmerge.formats.safetensors_io import CheckpointError
+from jaxmerge.formats.safetensors_io import DTYPE_NAMES, CheckpointError
 
 # config.json keys that hold a layer stack's count (top level, or in text_config, vision_config, ...).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth", "encoder_layers", "decoder_layers",
@@ -38,7 +38,7 @@ TOKENIZER_FILES = (
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".yml", ".yaml", ".gguf")
-_SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_SAFETENSORS_DTYPE_NAMES = {code: name for name, code in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmerge.formats.safetensors_io import DTYPES, FLOAT_DTYPES, Checkpoint, CheckpointError, TensorInfo, copy_to_host
+from jaxmerge.formats.safetensors_io import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, Checkpoint, CheckpointError, TensorInfo, copy_to_host
 from jaxmerge.formats.sources import TensorSource, open_checkpoint
 
 PREFIX = "base_model.model."  # PeftModel's prefix of every saved key
@@ -53,7 +53,6 @@ _LORA_BIAS = ".lora_B.bias"
 _VARIANTS = ("use_dora", "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora",
              "arrow_config", "kasa_config", "use_qalora")
 _STRUCTURAL = ("trainable_token_indices", "layer_replication", "target_parameters")
-_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 @dataclass
@@ -400,9 +399,9 @@ def mergekit_load_dtype(model_dir: str | os.PathLike, lora_merge_dtype: str | No
     """
     def code(value, where):
         name = str(value).removeprefix("torch.")
-        if name not in _DTYPE_NAMES:
-            raise CheckpointError(f"{where}: dtype {value!r} is not one of {sorted(_DTYPE_NAMES)}")
-        return _DTYPE_NAMES[name]
+        if name not in DTYPE_NAMES:
+            raise CheckpointError(f"{where}: dtype {value!r} is not one of {sorted(DTYPE_NAMES)}")
+        return DTYPE_NAMES[name]
 
     if lora_merge_dtype:
         return code(lora_merge_dtype, "lora_merge_dtype")

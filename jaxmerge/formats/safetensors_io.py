@@ -46,6 +46,8 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# The floating dtypes by name (mergekit's `dtype`/`out_dtype`, config.json's `dtype`) -> safetensors codes.
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 class CheckpointError(ValueError):

@@ -27,10 +27,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from jaxmerge.engine.stream import DTYPE_NAMES, MergePlan, OutputTensor, check_same_tensors, merge_checkpoints, plan_merge
+from jaxmerge.engine.stream import MergePlan, OutputTensor, check_same_tensors, merge_checkpoints, plan_merge
 from jaxmerge.formats.lora import LoraFolded, mergekit_load_dtype, split_lora_reference
 from jaxmerge.formats.hf_model import ModelDir, model_card, resolve_model, write_model_files
-from jaxmerge.formats.safetensors_io import CheckpointError
+from jaxmerge.formats.safetensors_io import DTYPE_NAMES, CheckpointError
 from jaxmerge.formats.sources import TensorSource
 from jaxmerge.methods import _table as table
 from jaxmerge.recipes.architectures import Architecture, architecture

@@ -66,7 +66,7 @@ from typing import Any
 
 import yaml
 
-from jaxmerge.formats.safetensors_io import CheckpointError
+from jaxmerge.formats.safetensors_io import DTYPE_NAMES, CheckpointError
 from jaxmerge.methods import _table as table
 
 _TOP_KEYS = (
@@ -260,8 +260,6 @@ def parse_recipe(
     for key in ("dtype", "out_dtype"):
         value = data.get(key)
         if value is not None:
-            from jaxmerge.engine.stream import DTYPE_NAMES
-
             if not isinstance(value, str) or value.removeprefix("torch.") not in DTYPE_NAMES:
                 raise CheckpointError(f"{where}: {key} must be one of {', '.join(DTYPE_NAMES)}, got {value!r}")
             setattr(recipe, key, value.removeprefix("torch."))
