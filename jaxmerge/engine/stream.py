@@ -183,6 +183,8 @@ class MergePlan:
 
 
 def _describe_files(path: Path) -> dict:
+    if not Path(path).exists():  # tensors computed in memory (formats.sources.ArraySource): no files
+        return {"path": str(path), "files": {}}
     files = checkpoint_files(path)
     return {
         "path": str(Path(path).resolve()),

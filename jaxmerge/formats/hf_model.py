@@ -123,25 +123,34 @@ def write_model_files(
     """
     config = donor.config()
     if config is not None:
-        if dtype_code in _SAFETENSORS_DTYPE_NAMES:
-            name = _SAFETENSORS_DTYPE_NAMES[dtype_code]
-            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-            for key in keys:
-                config[key] = name
+        set_config_dtype(config, dtype_code)
         if layers:
             _set_layers(config, layers)
         if vocab_size is not None:
             scope = config if "vocab_size" in config or not isinstance(config.get("text_config"), dict) else config["text_config"]
             scope["vocab_size"] = vocab_size
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    copy_generation_and_tokenizer(out, donor=donor, tokenizer=tokenizer)
+    (out / "README.md").write_text(card)
+    (out / "mergekit_config.yml").write_text(recipe_text)
+
+
+def set_config_dtype(config: dict, dtype_code: str | None) -> None:
+    """Set config.json's dtype field(s) (`torch_dtype` and/or transformers 5's `dtype`) to a safetensors code's name."""
+    if dtype_code in _SAFETENSORS_DTYPE_NAMES:
+        name = _SAFETENSORS_DTYPE_NAMES[dtype_code]
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = name
+
+
+def copy_generation_and_tokenizer(out: Path, *, donor: ModelDir, tokenizer: ModelDir | None) -> None:
+    """Copy the donor's generation_config.json and the tokenizer's files (`TOKENIZER_FILES`) into `out`."""
     if donor.directory is not None and (donor.path / "generation_config.json").is_file():
         shutil.copyfile(donor.path / "generation_config.json", out / "generation_config.json")
     if tokenizer is not None and tokenizer.directory is not None:
         for name in TOKENIZER_FILES:
             if (tokenizer.path / name).is_file():
                 shutil.copyfile(tokenizer.path / name, out / name)
-    (out / "README.md").write_text(card)
-    (out / "mergekit_config.yml").write_text(recipe_text)
 
 
 def _set_layers(config: dict, layers: dict[str | None, list[tuple[ModelDir, int]]]) -> None:

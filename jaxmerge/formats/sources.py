@@ -17,7 +17,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from jaxmerge.formats.safetensors_io import Checkpoint, TensorInfo, resolve_files
+from jaxmerge.formats.safetensors_io import DTYPE_NAMES, Checkpoint, CheckpointError, TensorInfo, copy_to_host, resolve_files
+
+_CODES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 
 
 @runtime_checkable
@@ -30,6 +32,38 @@ class TensorSource(Protocol):
     def read_host(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """One tensor as a NumPy array of `tensors[name]`'s shape and dtype; `into` as `Checkpoint.read_host`."""
         ...
+
+
+class ArraySource:
+    """Tensors computed in memory, read like a checkpoint's (a `TensorSource`).
+
+    For outputs that no input holds: a mixture of experts' router weights, zero
+    biases an output architecture needs. The arrays are small next to the model;
+    each read copies one into the engine's buffer.
+    """
+
+    def __init__(self, label: str | os.PathLike, arrays: dict[str, np.ndarray]):
+        """Args:
+          label: what errors name as this source's path ("router weights").
+          arrays: tensor name -> floating NumPy array (float64/32/16 or ml_dtypes bfloat16).
+        """
+        self.path = Path(label)
+        self._arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+        self.tensors = {name: TensorInfo(name, tuple(a.shape), _code(a.dtype, name)) for name, a in self._arrays.items()}
+
+    def read_host(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """A copy of array `name` (in `into` when it fits, as `Checkpoint.read_host`)."""
+        if name not in self._arrays:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
+        return copy_to_host(self._arrays[name], into)
+
+
+def _code(dtype: np.dtype, name: str) -> str:
+    if dtype.name == "bfloat16":
+        return DTYPE_NAMES["bfloat16"]
+    if dtype not in _CODES:
+        raise CheckpointError(f"tensor {name}: dtype {dtype} is not a floating dtype a checkpoint holds")
+    return _CODES[dtype]
 
 
 def open_checkpoint(path: str | os.PathLike | TensorSource) -> TensorSource:

@@ -111,17 +111,7 @@ class RecipePlanner:
 
     def _model(self, ref: str, where: str) -> int:
         """The index of the model `ref` names (`MODEL` or mergekit's `MODEL+LORA`), resolved once."""
-        try:
-            model_ref, lora_ref = split_lora_reference(ref)
-        except CheckpointError as err:
-            raise CheckpointError(f"{where}: {err}") from None
-        model = resolve_model(model_ref, where)
-        if (model.path / "adapter_config.json").is_file() and not (model.path / "config.json").is_file():
-            raise CheckpointError(
-                f"{where}: {model_ref} is a LoRA adapter; give it with its model (model: BASE+{model_ref}), "
-                "or merge adapters on their own with flags (jaxmerge merge a/ b/ --method ties --output out/)"
-            )
-        adapter = resolve_model(lora_ref, f"{where} (its LoRA adapter)") if lora_ref else None
+        model, adapter = resolve_reference(ref, where)
         key = (model.path.resolve(), adapter.path.resolve() if adapter else None)
         if key not in self._index:
             self._index[key] = len(self.models)
@@ -130,12 +120,8 @@ class RecipePlanner:
         return self._index[key]
 
     def inputs(self) -> list:
-        """What the engine reads, model by model: its path, or the model with its LoRA adapter folded in
-        (in the dtype mergekit loads it in; checked against the model now, before any tensor is read)."""
-        return [
-            m.path if a is None else LoraFolded(m.path, a.path, dtype=mergekit_load_dtype(m.path))
-            for m, a in zip(self.models, self.adapters)
-        ]
+        """What the engine reads, model by model (see `reference_source`)."""
+        return [reference_source(m, a) for m, a in zip(self.models, self.adapters)]
 
     def _no_duplicates(self, indices, sources):
         for i, index in enumerate(indices):
@@ -390,6 +376,39 @@ class RecipePlanner:
             "recipe": recipe.text if recipe.text is not None else recipe.to_yaml(),
             "parameters": recipe.parameters,
         }
+
+
+def resolve_reference(ref: str, where: str) -> tuple[ModelDir, ModelDir | None]:
+    """The model and LoRA adapter a recipe's model reference names (`MODEL` or mergekit's `MODEL+LORA`).
+
+    Args:
+      ref: the reference as written.
+      where: the recipe key, for errors ("recipe.yml: models[1].model").
+
+    Returns:
+      (the model, its adapter or None), resolved as `resolve_model` resolves paths and Hub ids.
+
+    Raises:
+      CheckpointError: one line: no such model, or an adapter given without its model.
+    """
+    try:
+        model_ref, lora_ref = split_lora_reference(ref)
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    model = resolve_model(model_ref, where)
+    if (model.path / "adapter_config.json").is_file() and not (model.path / "config.json").is_file():
+        raise CheckpointError(
+            f"{where}: {model_ref} is a LoRA adapter; give it with its model (model: BASE+{model_ref}), "
+            "or merge adapters on their own with flags (jaxmerge merge a/ b/ --method ties --output out/)"
+        )
+    adapter = resolve_model(lora_ref, f"{where} (its LoRA adapter)") if lora_ref else None
+    return model, adapter
+
+
+def reference_source(model: ModelDir, adapter: ModelDir | None):
+    """What the engine reads for a resolved reference: the model's path, or the model with its LoRA adapter
+    folded in (in the dtype mergekit loads it in; checked against the model now, before any tensor is read)."""
+    return model.path if adapter is None else LoraFolded(model.path, adapter.path, dtype=mergekit_load_dtype(model.path))
 
 
 def plan_recipe(recipe: Recipe, output: str | os.PathLike, *, seed: int | None = None, max_shard_size: str | None = None):
