@@ -250,6 +250,41 @@ def _multi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moe(args: argparse.Namespace) -> int:
+    """`jaxmerge moe CONFIG.yml OUT`: mergekit-moe's configurations (jaxmerge/tools/moe)."""
+    from pathlib import Path
+
+    from jaxmerge.engine._atomic import sigterm_before_writing
+    from jaxmerge.engine.compile_cache import enable_compile_cache
+    from jaxmerge.tools import moe
+
+    enable_compile_cache()
+    _warnings_as_lines("moe")
+    output = args.output or args.out_path
+    try:
+        if output is None:
+            raise ValueError("give the output directory: jaxmerge moe CONFIG.yml OUT (or --output OUT)")
+        if args.output and args.out_path and args.output != args.out_path:
+            raise ValueError(f"two outputs given: {args.out_path} and --output {args.output}")
+        options = dict(seed=args.seed, allow_all_same=args.allow_all_same, strict=args.strict,
+                       max_shard_size=args.max_shard_size)
+        with sigterm_before_writing(output):
+            if args.dry_run:
+                plan, merged = moe.dry_run(args.config_file, output, **options)
+                print(f"{plan.architecture.name} with {len(plan.config.experts)} experts"
+                      f" ({plan.config.experts_per_token} per token), gates from {plan.config.gate_mode}")
+                print(merged.describe())
+                print("dry run: nothing written")
+                return 0
+            plan, _ = moe.build_moe(args.config_file, output, force=args.force, progress=not args.quiet,
+                                    allow_nonfinite=args.allow_nonfinite, **options)
+    except (ValueError, OSError) as err:
+        print(f"jaxmerge moe: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{plan.architecture.name} mixture of {len(plan.config.experts)} experts written to {Path(output).resolve()}")
+    return 0
+
+
 def _extract_lora(args: argparse.Namespace) -> int:
     """`jaxmerge extract-lora --model FT --base BASE --output OUT`: mergekit-extract-lora (jaxmerge/tools/extract_lora.py)."""
     from jaxmerge.engine._atomic import sigterm_before_writing
@@ -463,6 +498,38 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--dry-run", action="store_true", help="check the file and print each merge's plan; write nothing")
     multi.add_argument("--quiet", action="store_true", help="no progress bars")
     multi.set_defaults(run=_multi)
+
+    moe = commands.add_parser(
+        "moe",
+        help="build a mixture of experts from dense fine-tunes of one base (a mergekit-moe configuration)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Assemble a Mixtral, Qwen MoE, Qwen3 MoE or DeepSeek MoE model from a mergekit-moe\n"
+            "configuration, unchanged: each expert's MLP becomes an expert of every layer, the rest comes\n"
+            "from base_model, and the routers are initialised from the experts' prompts (gate_mode\n"
+            "hidden, hidden_avg, hidden_last: the base model's hidden states, through transformers;\n"
+            "cheap_embed: mean token embeddings) or at random from --seed (random, uniform_random).\n"
+            "Streamed tensor by tensor; the output directory appears only when complete."
+        ),
+        epilog=(
+            "examples:\n"
+            "  jaxmerge moe moe.yml out/\n"
+            "  jaxmerge moe moe.yml --output out/ --dry-run"
+        ),
+    )
+    moe.add_argument("config_file", metavar="CONFIG.yml", help="the mergekit-moe configuration")
+    moe.add_argument("out_path", nargs="?", metavar="OUT", help="the output directory (or --output)")
+    moe.add_argument("--output", help="the output directory (created atomically)")
+    moe.add_argument("--seed", type=int, default=0, help="seed of random gates and of noise_scale's noise (default 0)")
+    moe.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_all_same",
+                     action="store_true", help="build even when every expert is the same model (as mergekit-moe)")
+    moe.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+    moe.add_argument("--strict", action="store_true", help="refuse keys mergekit-moe ignores instead of warning")
+    moe.add_argument("--allow-nonfinite", action="store_true", help="copy inputs holding NaN or inf")
+    moe.add_argument("--force", action="store_true", help="replace an existing output")
+    moe.add_argument("--dry-run", action="store_true", help="check everything, compute the routers, print the plan; write nothing")
+    moe.add_argument("--quiet", action="store_true", help="no progress bar")
+    moe.set_defaults(run=_moe)
 
     methods = commands.add_parser(
         "methods",

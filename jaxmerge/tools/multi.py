@@ -13,6 +13,10 @@ name shadows a directory or Hub id spelled the same; any other reference is a
 path or Hub id, as in a single recipe. Documents may come in any order; the
 merges run in dependency order (each merge's inputs first, then file order).
 
+Beyond mergekit-multi, a document may be a mergekit-moe configuration (it has
+`experts` and no `merge_method`; `jaxmerge.tools.moe`): its `source_model`s may
+name merges of the file, so a mixture's experts can themselves be merges.
+
 A merge whose output is complete is skipped (mergekit's `MergeModelTask.execute`
 with `--lazy`, the default): complete means `config.json` and one of
 `model.safetensors`, `pytorch_model.bin` or their `.index.json` exist in it.
@@ -38,6 +42,7 @@ import yaml
 
 from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.recipes.schema import Recipe, RecipeWarning, parse_recipe, read_yaml
+from jaxmerge.tools.moe.config import MoeConfig, check_config, parse_moe_config
 
 # mergekit/scripts/multimerge.py: a merge is complete when config.json and one of these exist.
 MODEL_CHECK_FILENAMES = (
@@ -48,7 +53,7 @@ MODEL_CHECK_FILENAMES = (
 )
 # Recipe keys whose string values are model references (mergekit patches every string that parses as one;
 # these are the places a recipe holds models). Values under the skipped keys are never references.
-_REF_KEYS = ("model", "base_model", "tokenizer_source", "source")
+_REF_KEYS = ("model", "base_model", "tokenizer_source", "source", "source_model")
 _SKIPPED_KEYS = ("parameters", "jaxmerge", "chat_template", "merge_method", "dtype", "out_dtype")
 
 
@@ -63,7 +68,7 @@ class Stage:
     name: str | None  # None: the unnamed merge (written to --out-path)
     where: str  # "multi.yml: merges[A]"
     output: str
-    recipe: Recipe
+    recipe: Recipe | MoeConfig  # a MoeConfig for a mergekit-moe document (beyond mergekit-multi)
     needs: list[str] = field(default_factory=list)  # names of the merges it reads, in order
     refs: list[tuple[str, str, str | None]] = field(default_factory=list)  # (key, reference, merge name or None)
 
@@ -173,7 +178,12 @@ def load_multi(path: str | os.PathLike, *, intermediate_dir: str, out_path: str 
     for name, doc in named.items():
         where = f"{file}: merges[{name if name is not None else '(unnamed)'}]"
         rewritten, refs = _rewrite(doc, names, intermediate_dir, where, strict)
-        recipe = parse_recipe(rewritten, where=where, path=Path(file), text=yaml.safe_dump(rewritten, sort_keys=False), strict=strict)
+        text = yaml.safe_dump(rewritten, sort_keys=False)
+        if "experts" in rewritten and "merge_method" not in rewritten:  # a mergekit-moe configuration
+            recipe = parse_moe_config(rewritten, where=where, strict=strict, text=text)
+            check_config(recipe)
+        else:
+            recipe = parse_recipe(rewritten, where=where, path=Path(file), text=text, strict=strict)
         output = os.path.join(intermediate_dir, name) if name is not None else str(out_path)
         stages[name] = Stage(name, where, output, recipe, list(dict.fromkeys(m for _, _, m in refs if m)), refs)
     outputs: dict[str, str] = {}
@@ -210,7 +220,7 @@ def _in_order(stages: dict[str | None, Stage], file: str) -> list[Stage]:
 def _named(err: Exception, stage: Stage) -> MultiError:
     """`err` as one line beginning with the merge's place ("multi.yml: merges[B]: ...")."""
     message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    file = str(stage.recipe.path)
+    file = stage.where.split(": ", 1)[0]
     if message.startswith(stage.where):
         return MultiError(message)
     if message.startswith(f"{file}: "):
@@ -237,6 +247,7 @@ def check_stages(stages: list[Stage], *, force: bool = False, seed: int | None =
     from jaxmerge.formats.lora import split_lora_reference
     from jaxmerge.recipes.orbax import uses_orbax
     from jaxmerge.recipes.plan import plan_recipe
+    from jaxmerge.tools import moe
 
     merges = ", ".join(s.name for s in stages if s.name is not None) or "none"
     pending: set[str | None] = set()
@@ -263,6 +274,10 @@ def check_stages(stages: list[Stage], *, force: bool = False, seed: int | None =
                     resolve_model(lora, f"{at} (its LoRA adapter)")
             if pending.intersection(stage.needs):
                 plans[stage.name] = None  # planned when the merges it reads exist
+                continue
+            if isinstance(stage.recipe, MoeConfig):
+                plans[stage.name] = moe.dry_run(stage.recipe, stage.output, seed=seed or 0,
+                                                max_shard_size=max_shard_size or "5GB")[1]
                 continue
             if uses_orbax(stage.recipe):
                 raise MultiError(f"{stage.where}: Orbax checkpoints merge one recipe at a time (jaxmerge merge)")
@@ -299,6 +314,7 @@ def run_stages(
     from jaxmerge.engine._atomic import sigterm_before_writing
     from jaxmerge.recipes.orbax import uses_orbax
     from jaxmerge.recipes.plan import merge_recipe
+    from jaxmerge.tools import moe
 
     done: list[str] = []
     for stage in stages:
@@ -309,6 +325,12 @@ def run_stages(
         say(f"{label}: merging into {stage.output}")
         try:
             with sigterm_before_writing(stage.output):
+                if isinstance(stage.recipe, MoeConfig):
+                    moe.build_moe(stage.recipe, stage.output, seed=seed or 0, force=force, progress=progress,
+                                  max_shard_size=max_shard_size or "5GB", allow_nonfinite=allow_nonfinite)
+                    done.append(stage.output)
+                    say(f"{label}: built into {Path(stage.output).resolve()}")
+                    continue
                 if uses_orbax(stage.recipe):
                     raise MultiError(f"{stage.where}: Orbax checkpoints merge one recipe at a time (jaxmerge merge)")
                 merge_recipe(
