@@ -42,3 +42,21 @@ def test_write_recycling_benchmark_times_both_writers(tmp_path):
     result = write_recycling.run(tensor_bytes=1 << 20, tensors=3, rounds=2, gap=0, directory=str(tmp_path))
     assert set(result["seconds"]) == {"keep", "recycle"}  # and the two files compared equal
     assert all(len(s) == 2 and min(s) > 0 for s in result["seconds"].values())
+
+
+@pytest.mark.slow
+def test_extract_lora_benchmark_tiny(tmp_path):
+    """Both extractors on a tiny bf16 Llama: timed, and their adapters' errors against the true delta agree."""
+    from benchmarks import extract_lora
+
+    out = tmp_path / "extract_lora.json"
+    result = extract_lora.main(["--size", "tiny", "--ranks", "4", "--rounds", "1", "--dir", str(tmp_path / "work"),
+                                "--output", str(out)])
+    assert out.exists() and out.with_suffix(".md").exists()
+    assert "benchmarks.extract_lora" in result["command"] and result["machine"]
+    (row,) = result["rows"]
+    assert row["rank"] == 4 and row["modules"] == 2 * 7
+    assert all(min(w) > 0 for w in row["walls_s"].values()) and all(min(p) > 0 for p in row["peaks_gb"].values())
+    errors = row["relative_error"]
+    assert 0 < errors["mergekit"] < 1 and 0 < errors["jaxmerge"] < 1
+    assert errors["jaxmerge"] <= 1.01 * errors["mergekit"]  # randomized within 1% of the exact SVD's

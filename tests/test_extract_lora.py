@@ -311,8 +311,8 @@ def _bad(family, tmp_path, capsys, monkeypatch, *args, model=None, base=None, ou
     def never(*a, **k):
         raise AssertionError("a tensor was decomposed before the input was refused")
 
-    monkeypatch.setattr(xl, "_lora_kernel", never)
-    monkeypatch.setattr(xl, "_singular_values", never)
+    monkeypatch.setattr(xl.svd, "_lora_kernel", never)
+    monkeypatch.setattr(xl.svd, "_singular_values", never)
     output = output or tmp_path / "out"
     code = cli_main(["extract-lora", "--model", str(model or family["ft"]), "--base", str(base or family["base"]),
                      "--output", str(output), "--quiet", *args])
@@ -443,3 +443,231 @@ def test_peft_applies_bias_deltas(tmp_path):
     with torch.no_grad():
         got, want = adapted(tokens).logits.numpy(), model.eval()(tokens).logits.numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# --- ranks chosen from the spectrum: --rank-by energy:F and --rank-budget N --------------------------
+
+def _cli_has_rank_rules() -> bool:
+    """Whether `jaxmerge extract-lora` takes --rank-by and --rank-budget (the parser leaves no argument over)."""
+    from jaxmerge.cli import build_parser
+
+    _, unknown = build_parser().parse_known_args(["extract-lora", "--model", "m", "--base", "b", "--output", "o",
+                                                  "--rank-by", "energy:0.5", "--rank-budget", "5"])
+    return not unknown
+
+
+def _smallest_rank_keeping(values: np.ndarray, fraction: float) -> int:
+    """The reference: walk the spectrum until the kept energy reaches `fraction` of the total."""
+    total, kept = float(np.sum(values.astype(np.float64) ** 2)), 0.0
+    for k, s in enumerate(values.astype(np.float64), start=1):
+        kept += s * s
+        if kept >= fraction * total:
+            return k
+    return len(values)
+
+
+def test_energy_rule_keeps_the_smallest_rank_meeting_the_energy():
+    """On U diag(s) V^T with a known spectrum: at a threshold equal to the energy of the top k values
+    the rank is k, just above it k + 1, and at random thresholds the smallest rank whose energy meets
+    them (the kept energy meets the threshold, one rank less would not)."""
+    rng = np.random.default_rng(3)
+    m, n = 72, 48
+    values = np.sort(rng.uniform(0.5, 3.0, n))[::-1] * np.exp(-np.arange(n) / 24)  # distinct, decaying
+    delta = _spectrum_matrix(rng, m, n, values)
+    base = rng.standard_normal((m, n)).astype(np.float32)
+    tree_base, tree_ft = {"w": base}, {"w": base + delta}
+    cumulative = np.cumsum(values ** 2) / np.sum(values ** 2)
+    assert np.min(np.diff(cumulative)[[0, 4, 16]]) > 2e-3  # +1e-3 crosses exactly one boundary
+    cases = [(float(cumulative[k - 1]), k) for k in (1, 5, 17)]  # the energy of the top k values exactly: k
+    cases += [(float(cumulative[k - 1]) + 1e-3, k + 1) for k in (1, 5, 17)]  # just above: one more
+    cases += [(1.0, n)]
+    for fraction in rng.uniform(0.05, 0.999, 6):  # away from every boundary, the reference decides
+        if np.min(np.abs(cumulative - fraction)) > 1e-4:
+            cases.append((float(fraction), _smallest_rank_keeping(values, fraction)))
+    for fraction, expected in cases:
+        for method in ("exact", "randomized"):
+            _, report = xl.extract_lora(tree_ft, tree_base, rank=n, rank_by=f"energy:{fraction!r}",
+                                        decomposition=method)
+            r = report["['w']"]
+            assert r.rank == expected, (fraction, method, r.rank, expected)
+            assert r.energy_kept >= fraction * (1 - 1e-5)
+            if expected > 1:
+                assert cumulative[expected - 2] < fraction
+    # The cap: max-rank (rank=) wins over the energy.
+    _, report = xl.extract_lora(tree_ft, tree_base, rank=3, rank_by="energy:0.99")
+    assert report["['w']"].rank == 3 < _smallest_rank_keeping(values, 0.99)
+
+
+def _brute_force(spectra: list[np.ndarray], costs: list[int], budget: int) -> float:
+    """The least total squared error of any ranks (r1, r2, r3) costing <= budget (Eckart-Young per module)."""
+    best = np.inf
+    for ranks in np.ndindex(*(len(s) + 1 for s in spectra)):
+        if sum(r * c for r, c in zip(ranks, costs)) <= budget:
+            best = min(best, sum(float(np.sum(s[r:] ** 2)) for s, r in zip(spectra, ranks)))
+    return best
+
+
+def _budget_case(rng, shapes, scales=None):
+    """Base and fine-tune trees of matrices m{i} whose deltas have the returned (known) spectra."""
+    base, ft, spectra = {}, {}, []
+    for i, (m, n) in enumerate(shapes):
+        low, high = scales[i] if scales else (0.1, 2.0)
+        values = np.sort(rng.uniform(low, high, min(m, n)))[::-1].astype(np.float64)
+        name = f"m{i}"
+        base[name] = rng.standard_normal((m, n)).astype(np.float32)
+        ft[name] = base[name] + _spectrum_matrix(rng, m, n, values)
+        spectra.append(values)
+    return base, ft, spectra
+
+
+def _squared_error(ft, base, factors, name) -> float:
+    delta = ft[name].astype(np.float64) - base[name]
+    if factors[name] is not None:
+        delta = delta - np.asarray(factors[name].b, np.float64) @ np.asarray(factors[name].a, np.float64)
+    return float(np.sum(delta ** 2))
+
+
+def test_rank_budget_matches_brute_force():
+    """Three modules of the same rows + cols: for every budget, the ranks spend at most the budget and
+    leave exactly the least error that any allocation of it leaves (brute force over all rank triples)."""
+    rng = np.random.default_rng(4)
+    shapes = [(6, 10), (8, 8), (12, 4)]  # rows + cols = 16 for each
+    base, ft, spectra = _budget_case(rng, shapes)
+    costs = [m + n for m, n in shapes]
+    for budget in range(16, 16 * 19, 11):
+        factors, report = xl.extract_lora(ft, base, rank=16, rank_budget=budget, decomposition="exact")
+        ranks = [report[f"['m{i}']"].rank for i in range(3)]
+        assert sum(r * c for r, c in zip(ranks, costs)) <= budget
+        got = sum(_squared_error(ft, base, factors, f"m{i}") for i in range(3))
+        best = _brute_force(spectra, costs, budget)
+        assert got == pytest.approx(best, rel=1e-4, abs=1e-6), (budget, ranks)
+
+
+def test_rank_budget_with_different_costs():
+    """Modules of different rows + cols (integer costs, where a greedy can leave budget unspent): never over
+    the budget, never better than the brute-force optimum (a check of both), short of it by at most one
+    rank's gain (the bound the docstring states), and no rank left out that the leftover budget would buy.
+    The order is by error removed per parameter, not per rank: at 32 parameters the four ranks of the 4 x 4
+    module (~0.8 of squared error each, 8 parameters each) beat one rank of the others (up to 2.6, 32 or 40)."""
+    rng = np.random.default_rng(5)
+    shapes = [(4, 4), (12, 20), (20, 20)]  # costs 8, 32, 40
+    base, ft, spectra = _budget_case(rng, shapes, scales=[(0.9, 1.0), (1.0, 1.6), (1.0, 1.8)])
+    costs = [m + n for m, n in shapes]
+    for budget in [32, *range(8, 420, 17)]:
+        factors, report = xl.extract_lora(ft, base, rank=20, rank_budget=budget, decomposition="exact")
+        ranks = [report[f"['m{i}']"].rank for i in range(3)]
+        spent = sum(r * c for r, c in zip(ranks, costs))
+        assert spent <= budget
+        assert all(r == len(s) or c > budget - spent for r, s, c in zip(ranks, spectra, costs)), (budget, ranks)
+        got = sum(_squared_error(ft, base, factors, f"m{i}") for i in range(3))
+        best = _brute_force(spectra, costs, budget)
+        next_gain = max((s[r] ** 2 for s, r in zip(spectra, ranks) if r < len(s)), default=0.0)
+        assert best * (1 - 1e-4) - 1e-6 <= got <= best + next_gain + 1e-4, (budget, ranks)
+        if budget == 32:
+            assert got == pytest.approx(best, rel=1e-4) and ranks == [4, 0, 0]
+
+
+def _fold_numpy(base: Path, adapter: Path, into: Path) -> Path:
+    """base + B @ A for every module of the adapter (scaling 1, computed here in float64) and the tensors it
+    saves whole, as a model directory."""
+    tensors = load_file(str(base / "model.safetensors"))
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    for name, a in lora.items():
+        if ".lora_" not in name:  # modules_to_save: the fine-tune's tensor, whole
+            tensors[name[len(prefix):]] = a
+        elif name.endswith(".lora_A.weight"):
+            module = name[len(prefix): -len(".lora_A.weight")]
+            b = lora[name.replace("lora_A", "lora_B")]
+            weight = module + ".weight"
+            tensors[weight] = (tensors[weight].astype(np.float64) + b.astype(np.float64) @ a).astype(np.float32)
+    into.mkdir()
+    save_file(tensors, str(into / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(base / "config.json", into / "config.json")
+    return into
+
+
+@pytest.mark.parametrize("rule", [{"rank_by": "energy:0.6"}, {"rank_budget": 6000}])
+def test_peft_loads_mixed_ranks(family, tmp_path, rule):
+    """An adapter whose modules have different ranks (r + rank_pattern/alpha_pattern): PEFT builds each
+    LoRA layer at its rank with scaling 1, and its logits are the base's with B @ A added."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, ft = family["base"], family["ft"]
+    out = tmp_path / "mixed"
+    plan = xl.extract_lora_adapter(ft, base, out, max_rank=16, decomposition="exact", warn=lambda line: None, **rule)
+    config = json.loads((out / "adapter_config.json").read_text())
+    ranks = plan.ranks
+    assert len(set(ranks.values())) >= 3  # mixed indeed
+    assert config["r"] == max(ranks.values()) and config["rank_pattern"]
+    for module, rank in ranks.items():
+        assert config["rank_pattern"].get(module, config["r"]) == rank
+        assert config["alpha_pattern"].get(module, config["lora_alpha"]) == rank
+    report = json.loads((out / xl.REPORT_FILE).read_text())
+    assert report["lora_parameters"] == sum(m["rank"] * sum(m["shape"]) for m in report["modules"])
+    if "rank_budget" in rule:
+        assert report["lora_parameters"] <= rule["rank_budget"] and "budget of 6000" in report["rank_rule"]
+    else:
+        assert "energy >= 0.6" in report["rank_rule"]
+        assert all(m["energy_kept"] >= 0.6 * (1 - 1e-5) for m in report["modules"])
+
+    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, 128, size=(2, 12)))
+
+    def logits(model):
+        model.eval()
+        with torch.no_grad():
+            return model(tokens).logits.float().numpy()
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out)
+    checked = set()
+    for name, layer in peft_model.named_modules():
+        module = name.removeprefix("base_model.model.")
+        if hasattr(layer, "lora_A") and module in ranks:
+            assert layer.r["default"] == ranks[module] and layer.scaling["default"] == 1.0, name
+            checked.add(module)
+    assert checked == set(ranks)
+    adapted = logits(peft_model)
+    expected = logits(AutoModelForCausalLM.from_pretrained(_fold_numpy(base, out, tmp_path / "folded"),
+                                                           dtype=torch.float32))
+    np.testing.assert_allclose(adapted, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+_BAD_RULES = [({"rank_by": "energy:0"}, "(0, 1]"), ({"rank_by": "energy:1.5"}, "(0, 1]"),
+              ({"rank_by": "energy:-0.2"}, "(0, 1]"), ({"rank_by": "energy:nan"}, "(0, 1]"),
+              ({"rank_by": "energy:much"}, "(0, 1]"), ({"rank_by": "energy"}, "not a rule"),
+              ({"rank_by": "spectrum:0.9"}, "not a rule"), ({"rank_budget": 0}, "--rank-budget"),
+              ({"rank_budget": 47}, "rank 1 of"),  # k/v projections: 16 x 32, 48 parameters a rank
+              ({"rank_by": "energy:0.9", "rank_budget": 1000}, "not both")]
+
+
+def test_bad_rank_rules(family, tmp_path, monkeypatch):
+    """Energy outside (0, 1], unknown rule text, both rules, a budget below the cheapest module's rank 1:
+    a one-line ValueError before any SVD, and no output."""
+    def never(*a, **k):
+        raise AssertionError("a tensor was decomposed before the input was refused")
+
+    monkeypatch.setattr(xl.svd, "_lora_kernel", never)
+    monkeypatch.setattr(xl.svd, "_singular_values", never)
+    for options, words in _BAD_RULES:
+        with pytest.raises(ValueError) as info:
+            xl.extract_lora_adapter(family["ft"], family["base"], tmp_path / "out", warn=lambda line: None, **options)
+        assert words in str(info.value) and "\n" not in str(info.value), options
+        assert not (tmp_path / "out").exists()
+    # 48 parameters pay for rank 1 of a k/v projection: no error from the plan.
+    xl.plan_extraction(family["ft"], family["base"], tmp_path / "out", rank_budget=48, warn=lambda line: None)
+    with pytest.raises(ValueError, match="rank 1 of"):
+        xl.extract_lora({"w": np.ones((3, 4))}, {"w": np.zeros((3, 4))}, rank_budget=6)
+    with pytest.raises(ValueError, match="not a rule"):
+        xl.extract_lora({"w": np.ones((3, 4))}, {"w": np.zeros((3, 4))}, rank_by="top:3")
+
+
+def test_bad_rank_rules_cli(family, tmp_path, capsys, monkeypatch):
+    """The same values on the command line: exit 2, one line, no output, no SVD started."""
+    if not _cli_has_rank_rules():
+        pytest.skip("jaxmerge extract-lora has no --rank-by/--rank-budget yet (the CLI diff is pending)")
+    for options, words in _BAD_RULES:
+        args = [w for k, v in options.items() for w in ("--" + k.replace("_", "-"), str(v))]
+        err = _bad(family, tmp_path, capsys, monkeypatch, *args)
+        assert words in err, (options, err)

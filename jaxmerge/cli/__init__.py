@@ -286,7 +286,7 @@ def _moe(args: argparse.Namespace) -> int:
 
 
 def _extract_lora(args: argparse.Namespace) -> int:
-    """`jaxmerge extract-lora --model FT --base BASE --output OUT`: mergekit-extract-lora (jaxmerge/tools/extract_lora.py)."""
+    """`jaxmerge extract-lora --model FT --base BASE --output OUT`: mergekit-extract-lora (jaxmerge/tools/extract_lora/)."""
     from jaxmerge.engine._atomic import sigterm_before_writing
     from jaxmerge.formats.safetensors_io import CheckpointError
     from jaxmerge.tools import extract_lora as xl
@@ -300,6 +300,7 @@ def _extract_lora(args: argparse.Namespace) -> int:
         modules_to_save=args.modules_to_save or [], include_regexes=args.include_regexes or [],
         exclude_regexes=args.exclude_regexes or [], sv_epsilon=args.sv_epsilon,
         skip_undecomposable=args.skip_undecomposable, decomposition=args.decomposition, seed=args.seed,
+        rank_by=args.rank_by, rank_budget=args.rank_budget,
     )
     try:
         with sigterm_before_writing(args.output):
@@ -557,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  jaxmerge extract-lora --model ft/ --base base/ --output lora/\n"
-            "  jaxmerge extract-lora --model ft/ --base base/ --output lora/ --max-rank 32 -e 'lm_head' --decomposition exact"
+            "  jaxmerge extract-lora --model ft/ --base base/ --output lora/ --max-rank 32 -e 'lm_head' --decomposition exact\n"
+            "  jaxmerge extract-lora --model ft/ --base base/ --output lora/ --rank-by energy:0.9\n"
+            "  jaxmerge extract-lora --model ft/ --base base/ --output lora/ --rank-budget 50000000 --max-rank 256"
         ),
     )
     extract.add_argument("--model", required=True, help="the fine-tuned model")
@@ -580,6 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="leave out modules whose name matches; repeatable")
     extract.add_argument("--sv-epsilon", type=float, default=0.0,
                          help="also drop singular values <= this, lowering a module's rank (default 0: off)")
+    extract.add_argument("--rank-by", metavar="RULE", default=None,
+                         help="rank per module from its spectrum: energy:F keeps the smallest rank whose singular "
+                         "values hold >= F (0 < F <= 1) of the task vector's energy, capped by --max-rank")
+    extract.add_argument("--rank-budget", type=int, metavar="N", default=None,
+                         help="spend N LoRA parameters in all (sum of rank x (rows + cols)) where they remove the most "
+                         "error, each module capped by --max-rank (not with --rank-by)")
     extract.add_argument("--skip-undecomposable", action="store_true",
                          help="leave out modules that cannot be decomposed (norms) instead of saving them whole")
     extract.add_argument(
