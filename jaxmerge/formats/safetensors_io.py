@@ -56,6 +56,8 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """A tensor's name, shape and safetensors dtype code, as a header lists it."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str  # safetensors code, e.g. "BF16"
@@ -437,12 +439,14 @@ def _check_room(path: Path, size: int) -> None:
 
 
 def shard_names(count: int, stem: str = "model") -> list[str]:
+    """Shard file names as transformers writes them: `model.safetensors`, or `model-00001-of-00003.safetensors`, ..."""
     if count == 1:
         return [f"{stem}.safetensors"]
     return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 def write_index(directory: Path, shards: list[list[TensorInfo]], names: list[str], metadata: dict[str, str]) -> None:
+    """Write `model.safetensors.index.json`: the total size, `metadata` and each tensor's shard."""
     total = sum(t.nbytes for shard in shards for t in shard)
     index = {
         "metadata": {"total_size": total, **metadata},

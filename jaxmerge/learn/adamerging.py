@@ -440,8 +440,8 @@ def adamerging(
 
     Raises:
       ValueError/TypeError, before any work, naming the argument: unknown
-      granularity or method, empty or mismatched `finetuned`, empty `batches`,
-      `steps` <= 0, bad learning rate, init, bounds or optimizer.
+        granularity or method, empty or mismatched `finetuned`, empty `batches`,
+        `steps` <= 0, bad learning rate, init, bounds or optimizer.
     """
     import optax
 

@@ -142,8 +142,8 @@ def search_coefficients(
 
     Raises:
       ValueError/TypeError, before any work: a method that cannot be searched,
-      a grid key it lacks or a bad grid value (the key named), a bad
-      parameter, mismatched trees, `evaluate` not returning a scalar.
+        a grid key it lacks or a bad grid value (the key named), a bad
+        parameter, mismatched trees, `evaluate` not returning a scalar.
     """
     where = "search_coefficients"
     if not callable(evaluate):

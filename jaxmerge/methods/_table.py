@@ -45,6 +45,8 @@ class Scope(str, Enum):
 
 
 class BasePolicy(str, Enum):
+    """How a method treats a base model."""
+
     REQUIRED = "required"  # task vectors against the base, or the base is an end point (slerp)
     OPTIONAL = "optional"
     IGNORED = "ignored"  # a base given for other reasons is not an input of the merge
@@ -288,11 +290,13 @@ def get(name: str) -> Method:
 
 
 def names() -> tuple[str, ...]:
+    """Every method's name, sorted."""
     _load()
     return tuple(sorted(_REGISTRY))
 
 
 def all_methods() -> tuple[Method, ...]:
+    """Every method of the table, sorted by name."""
     _load()
     return tuple(_REGISTRY[n] for n in sorted(_REGISTRY))
 

@@ -104,6 +104,8 @@ class Source:
 
 @dataclass
 class Slice:
+    """One entry of `slices`: its sources (each with a `layer_range`), parameters and base model."""
+
     sources: list[Source]
     parameters: dict = field(default_factory=dict)
     base_model: str | None = None
