@@ -124,8 +124,9 @@ def extract_lora_adapter(
       base: the base model, likewise.
       output: the adapter directory (adapter_config.json, adapter_model.safetensors, README.md and
         the report extract_lora_report.json), created atomically.
-      max_rank, distribute_scale, embed_lora, modules_to_save, include_regexes, exclude_regexes,
-        sv_epsilon, skip_undecomposable: mergekit-extract-lora's options (see the module docstring).
+      max_rank, distribute_scale, embed_lora, modules_to_save: mergekit-extract-lora's options (see
+        the module docstring).
+      include_regexes, exclude_regexes, sv_epsilon, skip_undecomposable: likewise.
       decomposition: "auto" (default), "exact" or "randomized".
       seed: the randomized sketches' seed.
       rank_by: None (every module at max_rank, as mergekit) or "energy:F" (0 < F <= 1): per module the
