@@ -141,3 +141,44 @@ def normal_floats(low, high):
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+# Parallel runs (pytest-xdist; `-n 2 --dist loadgroup` in pyproject.toml's addopts). Every test gets
+# an xdist group, and a group runs whole on one worker: by default its module, so a module's fixtures
+# (tiny models, mergekit's runs) are built once and its kernels compiled once, as in a serial run.
+# Exceptions: the demo and both notebooks share one group, since they compile the same kernels and
+# share them through `shared_compile_cache`, a directory of one worker's session (the demo first
+# compiles, the notebooks then load); tests/test_sharding.py's tests share nothing but each runs for
+# minutes (subprocesses with 8 simulated devices), so each is a group of its own. Groups start longest
+# first (LONGEST_FIRST, seconds measured on 2 cores; the rest follow in file order), so that no
+# long group is left to run alone at the end.
+SAME_GROUP = {"test_demo.py": "demo-kernels", "test_notebooks.py": "demo-kernels"}
+OWN_GROUP_PER_TEST = {"test_sharding.py"}
+LONGEST_FIRST = [
+    "test_sharding.py::test_every_function_on_1d_and_2d_meshes_equals_single_device",
+    "test_sharding.py::test_every_table_method_on_a_mesh_equals_single_device",
+    "demo-kernels",
+]
+
+
+def _xdist_group(item) -> str:
+    file = item.path.name
+    if file in OWN_GROUP_PER_TEST:
+        return f"{file}::{item.originalname}"
+    return SAME_GROUP.get(file, file)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput") or config.getoption("dist", None) != "loadgroup":
+        return  # not a pytest-xdist worker scheduling by group: nothing to do
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+
+    def order(indexed):
+        i, item = indexed
+        return rank.get(_xdist_group(item), len(rank)), i
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=order)]
