@@ -329,3 +329,23 @@ def test_multi_file_builds_a_mixture_of_merges(built, tmp_path):
     a = tm.read_dir(tmp_path / "merges" / "A")
     np.testing.assert_array_equal(ours["model.layers.0.block_sparse_moe.experts.0.w2.weight"],
                                   a["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_config_without_dtype_keeps_the_inputs_dtype(built, tmp_path):
+    """No `dtype` in the configuration nor in the base's config.json: tensors keep theirs, routers follow the
+    embeddings (mergekit would write float32 cheap_embed routers into a bfloat16 model)."""
+    import shutil
+
+    from jaxmerge.formats.safetensors_io import Checkpoint
+
+    root, _, _, _ = built
+    base = tmp_path / "base"
+    shutil.copytree(root / "llama-bfloat16-base", base)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (base / "config.json").write_text(json.dumps(config))
+    moe = {"base_model": str(base), "gate_mode": "cheap_embed",
+           "experts": [_expert(root / "llama-bfloat16-ft1", "ft1"), _expert(root / "llama-bfloat16-ft2", "ft2")]}
+    (tmp_path / "moe.yml").write_text(json.dumps(moe))
+    assert main(["moe", str(tmp_path / "moe.yml"), str(tmp_path / "out"), "--quiet"]) == 0
+    assert {t.dtype for t in Checkpoint(tmp_path / "out").tensors.values()} == {"BF16"}

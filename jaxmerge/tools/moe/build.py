@@ -100,8 +100,7 @@ def plan_moe(config: MoeConfig | str | os.PathLike, *, seed: int = 0, allow_all_
                          base=opened[base_index], layers=layers, hidden=hidden, key=path_key(key, "router"),
                          where=where)
     notes += _degenerate_notes(gates)
-    gate_dtype = DTYPES[DTYPE_NAMES[out_dtype]] if out_dtype else opened[base_index].tensors[EMBEDDING].dtype \
-        if EMBEDDING in opened[base_index].tensors else np.float32
+    gate_dtype = _gate_dtype(out_dtype, opened[base_index])
     computed = _computed_tensors(arch, config, gates, opened[base_index], layers, gate_dtype)
     computed_index = len(sources)
     sources.append(ArraySource("router weights (computed)", computed))
@@ -187,6 +186,14 @@ def _config_dtype(config: dict) -> str | None:
         if name in DTYPE_NAMES:
             return name
     return None
+
+
+def _gate_dtype(out_dtype: str | None, base: TensorSource) -> np.dtype:
+    """The routers' dtype: the output's, else the base embeddings' (a config without a dtype), else float32."""
+    if out_dtype:
+        return DTYPES[DTYPE_NAMES[out_dtype]]
+    info = base.tensors.get(EMBEDDING)
+    return DTYPES[info.dtype] if info is not None else np.dtype(np.float32)
 
 
 def _mlp(layer: int, proj: str) -> str:
