@@ -12,6 +12,15 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # `jaxmerge merge` keeps compiled kernels in ~/.cache/jaxmerge/xla; tests (and the commands they run)
 # leave the user's cache alone unless a test turns it on (tests/test_pipeline.py, test_cli_uses_*).
 os.environ.setdefault("JAXMERGE_COMPILE_CACHE", "0")
+# Most of the suite's time is XLA compiling thousands of small programs that then run on tiny inputs
+# (about 80% of its CPU time, measured). JAX's `jax_disable_most_optimizations` keeps XLA's graph
+# passes (fusion, layout) and turns LLVM's optimisation level down to 0, which halves compile time
+# (tests/test_kernels.py, test_selection.py and test_sign.py: 85 s -> 48 s on 2 cores, every PEFT
+# comparison still bit for bit). Child processes (the commands tests run) inherit it. The demo and
+# the notebooks run as users' code compiles (tests/test_demo.py); JAXMERGE_TEST_XLA_OPTIMIZE=1 runs
+# the whole suite so.
+if os.environ.get("JAXMERGE_TEST_XLA_OPTIMIZE", "0") != "1":
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -54,6 +63,7 @@ def shared_compile_cache(tmp_path_factory) -> dict[str, str]:
     """
     return dict(
         os.environ,
+        JAX_DISABLE_MOST_OPTIMIZATIONS="0",  # compiled as for users (see the top of this file)
         JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla-cache")),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # every kernel, however fast it compiles
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",  # no size floor
@@ -143,42 +153,61 @@ def key():
     return jax.random.key(0)
 
 
-# Parallel runs (pytest-xdist; `-n 2 --dist loadgroup` in pyproject.toml's addopts). Every test gets
-# an xdist group, and a group runs whole on one worker: by default its module, so a module's fixtures
-# (tiny models, mergekit's runs) are built once and its kernels compiled once, as in a serial run.
-# Exceptions: the demo and both notebooks share one group, since they compile the same kernels and
-# share them through `shared_compile_cache`, a directory of one worker's session (the demo first
-# compiles, the notebooks then load); tests/test_sharding.py's tests share nothing but each runs for
-# minutes (subprocesses with 8 simulated devices), so each is a group of its own. Groups start longest
-# first (LONGEST_FIRST, seconds measured on 2 cores; the rest follow in file order), so that no
-# long group is left to run alone at the end.
-SAME_GROUP = {"test_demo.py": "demo-kernels", "test_notebooks.py": "demo-kernels"}
-OWN_GROUP_PER_TEST = {"test_sharding.py"}
-LONGEST_FIRST = [
-    "test_sharding.py::test_every_function_on_1d_and_2d_meshes_equals_single_device",
-    "test_sharding.py::test_every_table_method_on_a_mesh_equals_single_device",
-    "demo-kernels",
+
+# Parallel runs: pyproject.toml's addopts give `-n 2 --dist loadfile` (pytest-xdist). Under loadfile a
+# file's tests run together on one worker, so a module's fixtures (tiny models, mergekit's runs) are
+# built once and its kernels compiled once, as in a serial run. The scheduler below is loadfile with
+# two changes (GROUPS). tests/test_demo.py and tests/test_notebooks.py run on one worker: they run the
+# same demo kernels and share them through `shared_compile_cache`, a directory of one worker's session
+# (the demo compiles them, the notebooks load them). tests/test_sharding.py's tests share nothing and
+# two of them run for minutes (subprocesses with 8 simulated devices): each test is a unit of its own.
+# And units start longest first (LONGEST_FIRST, then file order; xdist's loadfile starts the files with
+# the most tests), so that no long unit is left to run alone at the end. (xdist's loadgroup, which
+# reads xdist_group marks, groups nothing with pytest >= 9.2: it renames items through an attribute
+# that pytest no longer reads, and so runs like `--dist load`, test by test.)
+GROUPS = {"test_demo.py": "demo-kernels", "test_notebooks.py": "demo-kernels", "test_sharding.py": "each test"}
+LONGEST_FIRST = [  # seconds of a unit on two busy workers, measured 2026-12-05 (1892 s in all)
+    "tests/test_sharding.py::test_every_function_on_1d_and_2d_meshes_equals_single_device",  # 300
+    "tests/test_sharding.py::test_every_table_method_on_a_mesh_equals_single_device",  # 290
+    "demo-kernels",  # 300
+    "tests/test_mergekit_recipes.py",  # 230
+    "tests/test_merging.py",  # 210
+    "tests/test_checkpoints.py",  # 210
+    "tests/test_pipeline.py",  # 190
 ]
 
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # no pytest-xdist: serial runs only (`-n` is then unknown: pass `-o addopts=""`)
+    LoadScopeScheduling = None
 
-def _xdist_group(item) -> str:
-    file = item.path.name
-    if file in OWN_GROUP_PER_TEST:
-        return f"{file}::{item.originalname}"
-    return SAME_GROUP.get(file, file)
+if LoadScopeScheduling is not None:
 
+    class _LoadFileGroups(LoadScopeScheduling):
+        """`--dist loadfile` with GROUPS and LONGEST_FIRST (see above)."""
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    if not hasattr(config, "workerinput") or config.getoption("dist", None) != "loadgroup":
-        return  # not a pytest-xdist worker scheduling by group: nothing to do
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
-    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # not by test count: LONGEST_FIRST picks (below)
+            self._seen: dict[str, int] = {}
 
-    def order(indexed):
-        i, item = indexed
-        return rank.get(_xdist_group(item), len(rank)), i
+        def _split_scope(self, nodeid: str) -> str:
+            file, _, rest = nodeid.partition("::")
+            group = GROUPS.get(file.rsplit("/", 1)[-1])
+            if group == "each test":
+                return f"{file}::{rest.split('[', 1)[0]}"
+            return group or file
 
-    items[:] = [item for _, item in sorted(enumerate(items), key=order)]
+        def _assign_work_unit(self, node) -> None:
+            for scope in self.workqueue:  # units in collection order
+                self._seen.setdefault(scope, len(LONGEST_FIRST) + len(self._seen))
+            rank = {scope: i for i, scope in enumerate(LONGEST_FIRST)}
+            first = min(self.workqueue, key=lambda scope: rank.get(scope, self._seen[scope]))
+            self.workqueue.move_to_end(first, last=False)
+            super()._assign_work_unit(node)
+
+    @pytest.hookimpl(tryfirst=True)  # before xdist's own, which gives its plain loadfile
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") == "loadfile":
+            return _LoadFileGroups(config, log)
+        return None  # xdist's own scheduler for any other --dist
