@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.core._dtypes import compute_dtype
+from jaxmerge.core._dtypes import compute_dtype, separate_pass
 from jaxmerge.core._kernels import kernel
 from jaxmerge.core.sign import sum_tasks
 from jaxmerge.methods._table import REQUIRED, BasePolicy, Method, MethodError, Param, Scope, non_base, split_inputs
@@ -67,14 +67,22 @@ def slerp(t, v0, v1):
       The interpolated array, in v0's dtype.
     """
     cd = compute_dtype(v0.dtype)
-    a = v0.reshape(-1).astype(cd)
-    b = v1.reshape(-1).astype(cd)
     t = jnp.asarray(t, cd)
-    if a.size == 0:
+
+    def widened(x0, x1):
+        return x0.reshape(-1).astype(cd), x1.reshape(-1).astype(cd)
+
+    if v0.size == 0:
+        a, b = widened(v0, v1)
         return ((1 - t) * a + t * b).reshape(v0.shape).astype(v0.dtype)
+    # Three passes over the inputs (norms, dot, result), each widening half-precision inputs itself
+    # (separate_pass), so that XLA writes no float32 copy of either.
+    a, b = widened(*separate_pass(v0, v1))
     norm_a, norm_b = _norm(a), _norm(b)
     norm_a = jnp.where(norm_a > SLERP_EPS, norm_a, 1)
     norm_b = jnp.where(norm_b > SLERP_EPS, norm_b, 1)
+    x0, x1, norm_a, norm_b = separate_pass(v0, v1, norm_a, norm_b)  # not (v0, v1): XLA would merge the two
+    a, b = widened(x0, x1)
     # Normalise before the product, as mergekit does, so the raw dot cannot overflow.
     dot = jnp.clip(jnp.sum((a / norm_a) * (b / norm_b)), -1, 1)
     linear = jnp.abs(dot) > SLERP_DOT_THRESHOLD
@@ -82,6 +90,7 @@ def slerp(t, v0, v1):
     sin_theta = _safe(jnp.sin(theta), linear)
     coef_a = jnp.where(linear, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
     coef_b = jnp.where(linear, t, jnp.sin(t * theta) / sin_theta)
+    a, b = widened(v0, v1)
     return (coef_a * a + coef_b * b).reshape(v0.shape).astype(v0.dtype)
 
 
