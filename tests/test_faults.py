@@ -538,3 +538,25 @@ def test_float16_overflow_after_weighting_warns():
         warnings.simplefilter("error")  # in range, or not float16: silent
         jm.task_arithmetic([big, big], [0.5, 0.5])
         warn_if_half_overflow(jax.numpy.asarray(big.astype(np.float32)) * 1e30)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_finite_flags_name_each_input_with_a_nan_or_inf(dtype):
+    """One flag per input; a fast sum decides, and only a sum that overflowed is checked entry by entry,
+    so huge finite values are not taken for inf."""
+    import jax.numpy as jnp
+
+    from jaxmerge.engine._finite import finite_flags
+
+    big = float(jnp.finfo(dtype).max)
+    clean = jnp.linspace(-1, 1, 1000, dtype=dtype)
+    leaves = (
+        clean,
+        clean.at[17].set(jnp.nan),
+        clean.at[0].set(jnp.inf),
+        clean.at[999].set(-jnp.inf),
+        jnp.full((64,), big, dtype),  # finite, but its sum overflows
+        jnp.full((64,), big, dtype).at[5].set(jnp.nan),
+        jnp.zeros((0,), dtype),
+    )
+    assert np.asarray(finite_flags(leaves)).tolist() == [True, False, False, False, True, False, True]
