@@ -341,7 +341,7 @@ def merge_checkpoints(
     base: str | os.PathLike | None = None,
     max_shard_size: str | int = "5GB",
     force: bool = False,
-    progress: bool = True,
+    progress: bool | str = True,
     mesh=None,
     params_for: Callable[[str], dict] | None = None,
     layout: Sequence[OutputTensor] | Callable[[list[Checkpoint]], Sequence[OutputTensor]] | None = None,
@@ -366,7 +366,8 @@ def merge_checkpoints(
       base: optional base checkpoint: task vectors are `input - base`, the result `base + merged`.
       max_shard_size: output shard size ("5GB", "500MB", bytes).
       force: replace an existing output.
-      progress: show a progress bar over tensors.
+      progress: show a progress bar over the output's bytes; a string is the bar's label
+        (default "merging").
       mesh: optional `jax.sharding.Mesh`: each tensor is sharded over it for the merge.
       params_for: optional `params_for(tensor_name) -> dict` of per-tensor parameter
         overrides.
@@ -451,7 +452,8 @@ def merge_checkpoints(
     else:  # every process writes into one temporary; process 0 finalizes it once all succeeded
         output_directory = distributed.shared_atomic_directory(plan.output, processes, force=force, finalize=finalize)
     with profile.compiles(), output_directory as tmp, ahead, tqdm(
-        total=total, unit="B", unit_scale=True, desc="merging", disable=not progress
+        total=total, unit="B", unit_scale=True, desc=progress if isinstance(progress, str) else "merging",
+        disable=not progress
     ) as bar:
 
         def read(item):

@@ -136,8 +136,8 @@ def build_moe(config: MoeConfig | str | os.PathLike, output: str | os.PathLike, 
     _show(plan.notes, warn)
     merged = merge_checkpoints(
         plan.sources, output, method="passthrough", layout=plan.layout, out_dtype=plan.out_dtype, seed=seed,
-        force=force, progress=progress, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite, depth=depth,
-        finish=lambda tmp, _: _write_model_files(tmp, plan), record=_record(plan, seed),
+        force=force, progress="building the MoE" if progress else False, max_shard_size=max_shard_size,
+        allow_nonfinite=allow_nonfinite, depth=depth, finish=lambda tmp, _: _write_model_files(tmp, plan), record=_record(plan, seed),
     )
     return plan, merged
 
