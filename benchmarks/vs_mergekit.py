@@ -56,12 +56,16 @@ import numpy as np
 
 from benchmarks.floor import io_floor_in_child
 
-# Llama shapes: (hidden, intermediate, layers, vocab). "llama" is the 0.67 GB float32 model of issue 13.
+# Llama shapes: (hidden, intermediate, layers, vocab). "llama" is the 0.67 GB float32 model of issue 13;
+# "tinyllama" is TinyLlama-1.1B's shape (2.2 GB a model in bfloat16, the size and dtype people merge).
 SIZES = {
     "small": (256, 688, 4, 8000),
     "llama": (1024, 2816, 8, 32000),
     "large": (1536, 4096, 8, 32000),
+    "tinyllama": (2048, 5632, 22, 32000),
 }
+# Attention heads and key/value heads where they are not hidden // 128 and hidden // 256.
+HEADS = {"tinyllama": (32, 4)}
 
 
 def build_models(root: Path, size: str, dtype: str) -> tuple[Path, list[Path]]:
@@ -90,32 +94,76 @@ def _build(root: Path, size: str, dtype: str) -> tuple[Path, list[Path]]:
     if all((p / "config.json").exists() for p in paths):
         return paths[0], paths[1:]
     torch.manual_seed(0)
+    heads, kv_heads = HEADS.get(size, (max(1, hidden // 128), max(1, hidden // 256)))
     config = LlamaConfig(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
-        num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 256),
-        tie_word_embeddings=False,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False,
     )
     torch_dtype = getattr(torch, dtype)
-    base = LlamaForCausalLM(config).to(torch_dtype)
+    with torch.device("meta"):  # no random initialisation of a model whose tensors are set below
+        base = LlamaForCausalLM(config)
+    base = base.to_empty(device="cpu").to(torch_dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in base.state_dict().values():  # N(0, 0.02) as transformers initialises Llama
+            tensor.copy_(0.02 * torch.randn(tensor.shape, generator=gen))
     base.save_pretrained(paths[0])
-    state = base.state_dict()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
     for i, path in enumerate(paths[1:]):
         gen = torch.Generator().manual_seed(i + 1)
-        tuned = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).to(torch_dtype) for k, v in state.items()}
-        base.load_state_dict(tuned)
+        with torch.no_grad():
+            for k, tensor in base.state_dict().items():  # one tensor at a time: memory stays near one model
+                tensor.copy_(state[k].float() + 0.01 * torch.randn(tensor.shape, generator=gen))
         base.save_pretrained(path)
     return paths[0], paths[1:]
 
 
 def write_recipe(path: Path, method: str, base: Path, models: list[Path], dtype: str) -> None:
-    params = {"ties": {"density": 0.2}, "dare_ties": {"density": 0.2}, "task_arithmetic": {}}[method]
-    lines = [f"merge_method: {method}", f"base_model: {base}", f"dtype: {dtype}", "models:"]
+    """One mergekit recipe for `method`, which both tools run unchanged.
+
+    slerp is the recipe of most slerp model cards: base + one model over all
+    layers, `t` a gradient per layer for attention and MLP, 0.5 elsewhere.
+    Every other method takes `benchmarks.methods.PARAMS` (per-model values for
+    the models in turn) and as many models as it accepts, with the base where
+    the method uses one.
+    """
+    from benchmarks.methods import PARAMS
+    from jaxmerge.methods import _table as table
+
+    if method == "slerp":
+        layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+        path.write_text(textwrap.dedent(f"""\
+            slices:
+              - sources:
+                  - model: {base}
+                    layer_range: [0, {layers}]
+                  - model: {models[0]}
+                    layer_range: [0, {layers}]
+            merge_method: slerp
+            base_model: {base}
+            parameters:
+              t:
+                - filter: self_attn
+                  value: [0, 0.5, 0.3, 0.7, 1]
+                - filter: mlp
+                  value: [1, 0.5, 0.7, 0.3, 0]
+                - value: 0.5
+            dtype: {dtype}
+            """))
+        return
+    spec = table.get(method)
+    uses_base = spec.base is not table.BasePolicy.IGNORED
+    if spec.max_models is not None:
+        models = models[: spec.max_models - uses_base]
+    params = PARAMS.get(method, {})
+    lines = [f"merge_method: {method}", f"dtype: {dtype}"] + ([f"base_model: {base}"] if uses_base else [])
+    lines.append("models:")
     for i, m in enumerate(models):
         lines.append(f"  - model: {m}")
-        lines.append("    parameters:")
-        lines.append(f"      weight: {[1.0, 0.5, 0.7][i]}")
-        for k, v in params.items():
-            lines.append(f"      {k}: {v}")
+        per_model = {k: (v[i] if isinstance(v, list) else v) for k, v in params.items()}
+        if per_model:
+            lines.append("    parameters:")
+            lines += [f"      {k}: {v}" for k, v in per_model.items()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -360,7 +408,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="llama", help=f"comma-separated, of {sorted(SIZES)} (default llama)")
     parser.add_argument("--dtypes", default="float32")
-    parser.add_argument("--methods", default="ties", help="of ties, dare_ties, task_arithmetic (default ties)")
+    parser.add_argument("--methods", default="ties",
+                        help="comma-separated mergekit methods (benchmarks.methods.PARAMS' names; default ties)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=3, help="in-process merges per depth after the warm-up (0: none)")
     parser.add_argument("--baseline", default=None, help="a jaxmerge source tree to time as well (PYTHONPATH)")

@@ -60,3 +60,36 @@ def test_extract_lora_benchmark_tiny(tmp_path):
     errors = row["relative_error"]
     assert 0 < errors["mergekit"] < 1 and 0 < errors["jaxmerge"] < 1
     assert errors["jaxmerge"] <= 1.01 * errors["mergekit"]  # randomized within 1% of the exact SVD's
+
+
+@pytest.mark.parametrize("method", ["slerp", "ties", "della", "nuslerp", "karcher", "model_stock", "linear"])
+def test_vs_mergekit_recipes_are_valid_for_both_tools(tmp_path, method):
+    """`benchmarks.vs_mergekit` writes one recipe per method that mergekit's schema and jaxmerge's both take."""
+    import json
+
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    from benchmarks.vs_mergekit import write_recipe
+    from jaxmerge.methods import _table as table
+    from jaxmerge.recipes.schema import load_recipe
+
+    models = []
+    for name in ("base", "ft0", "ft1", "ft2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"num_hidden_layers": 5}))
+        models.append(tmp_path / name)
+    path = tmp_path / "recipe.yml"
+    write_recipe(path, method, models[0], models[1:], "bfloat16")
+    ours = load_recipe(path, strict=True)  # strict: no key that jaxmerge would only warn about
+    theirs = MergeConfiguration.model_validate(yaml.safe_load(path.read_text()))
+    assert ours.merge_method == theirs.merge_method == method
+    spec = table.get(method)
+    named = {str(m) for m in theirs.referenced_models()}
+    assert (str(models[0]) in named) == (spec.base is not table.BasePolicy.IGNORED or method == "slerp")
+    if spec.max_models is not None:
+        assert len(named) <= spec.max_models
+    if method == "slerp":  # the model cards' recipe: every layer, t a gradient per layer for attention and MLP
+        assert [s.layer_range for s in theirs.slices[0].sources] == [(0, 5), (0, 5)]
+        first = theirs.parameters["t"][0]
+        assert (first.filter, first.value) == ("self_attn", [0, 0.5, 0.3, 0.7, 1])
