@@ -167,6 +167,15 @@ def write_recipe(path: Path, method: str, base: Path, models: list[Path], dtype:
     path.write_text("\n".join(lines) + "\n")
 
 
+def recipe_models(recipe: Path) -> list[Path]:
+    """The model directories a recipe reads (mergekit's own reading of it), each once."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text()))
+    return sorted({Path(str(m.model.path)) for m in config.referenced_models()})
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -295,7 +304,7 @@ def bench(root: Path, size: str, dtype: str, method: str, rounds: int, baseline:
     base, models = build_models(root, size, dtype)
     recipe = root / f"{size}-{dtype}-{method}.yml"
     write_recipe(recipe, method, base, models, dtype)
-    files = [f for m in [base, *models] for f in weight_files(m)]
+    files = [f for m in recipe_models(recipe) for f in weight_files(m)]  # the floor reads what the merge reads
     out_j, out_m = root / "out-jaxmerge", root / "out-mergekit"
     profile_file = root / "profile.json"
     env_nocache = cache_env(None)

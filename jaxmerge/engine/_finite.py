@@ -21,9 +21,10 @@ def finite_flags(leaves):
     is, and NaN or inf when one is not; only a sum of huge finite values can
     also overflow. So each tensor is summed (one fast reduction that widens
     half-precision entries as it reads them: ~2 ms for 11.5M bfloat16 entries
-    on 2 CPU cores, where `all(isfinite(x))` takes ~10 ms and the earlier
-    `sum(x * 0)` ~15 ms), and only a tensor whose sum is not finite is checked
-    entry by entry (`lax.cond`: the exact check runs for that tensor only).
+    on 2 CPU cores, where `all(isfinite(x))` takes ~10 ms and `sum(x * 0)`
+    ~15 ms), and only a tensor whose sum is not finite is checked entry by
+    entry with `sum(x * 0)` (`lax.cond`: for that tensor only; it compiles in
+    less time than `all(isfinite(x))`, 0.15 s against 0.25 s per shape pair).
 
     Args:
       leaves: a tuple of same- or different-shape float arrays.
@@ -34,7 +35,11 @@ def finite_flags(leaves):
 
     def finite(x):
         total = jnp.sum(x, dtype=compute_dtype(x.dtype))
-        return jax.lax.cond(jnp.isfinite(total), lambda: jnp.bool_(True), lambda: jnp.all(jnp.isfinite(x)))
+
+        def entry_by_entry():  # x * 0 is 0 where x is finite and NaN where it is not: no overflow
+            return jnp.isfinite(jnp.sum(x * 0, dtype=total.dtype))
+
+        return jax.lax.cond(jnp.isfinite(total), lambda: jnp.bool_(True), entry_by_entry)
 
     return jnp.stack([finite(x) for x in leaves])
 
