@@ -435,6 +435,7 @@ def main(argv=None) -> int:
     out = Path(args.output or Path(__file__).parent / "results" / "vs_mergekit.json")
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": machine_line(),
+        "command": "python -m benchmarks.vs_mergekit " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rounds": args.rounds, "reps": args.reps, "baseline": str(baseline) if baseline else None, "rows": rows,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
