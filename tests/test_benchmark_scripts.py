@@ -93,3 +93,33 @@ def test_vs_mergekit_recipes_are_valid_for_both_tools(tmp_path, method):
         assert [s.layer_range for s in theirs.slices[0].sources] == [(0, 5), (0, 5)]
         first = theirs.parameters["t"][0]
         assert (first.filter, first.value) == ("self_attn", [0, 0.5, 0.3, 0.7, 1])
+
+
+def test_ties_numerics_compares_each_output_with_mergekits_float32_ties(tmp_path):
+    """benchmarks.ties_numerics on tiny float32 inputs: jaxmerge's TIES (mergekit semantics) equals
+    mergekit's own `ties` there (no ties at the threshold), and a perturbed output is counted."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from benchmarks.ties_numerics import compare
+    from jaxmerge.engine.stream import merge_checkpoints
+
+    rng = np.random.default_rng(0)
+    base = {f"layers.{i}.weight": rng.standard_normal((32, 16), dtype=np.float32) for i in range(3)}
+    models = tmp_path / "t-bfloat16"
+    paths = []
+    for i, name in enumerate(("base", "ft0", "ft1", "ft2")):
+        (models / name).mkdir(parents=True)
+        noise = 0 if i == 0 else 0.1
+        save_file({k: v + noise * rng.standard_normal(v.shape, dtype=np.float32) for k, v in base.items()},
+                  str(models / name / "model.safetensors"))
+        paths.append(models / name)
+    merge_checkpoints(paths[1:], tmp_path / "out-jaxmerge", method="ties", base=paths[0], weights=[1.0, 0.5, 0.7],
+                      density=0.2, semantics="mergekit", progress=False)
+    (tmp_path / "out-mergekit").mkdir()
+    merged = load_file(str(tmp_path / "out-jaxmerge" / "model.safetensors"))
+    merged["layers.0.weight"][0, :4] += 1.0  # four entries off in one tensor
+    save_file(merged, str(tmp_path / "out-mergekit" / "model.safetensors"))
+    result = compare(tmp_path, size="t", tensors=3)
+    assert result["summary"]["jaxmerge"]["share_differ"] == 0
+    assert result["summary"]["mergekit"]["share_differ"] == pytest.approx(4 / (3 * 32 * 16))

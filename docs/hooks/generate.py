@@ -219,6 +219,9 @@ COMMANDS = {
                                 "--output benchmarks/results/vs_mergekit_methods.json",
     "vs_mergekit_large.json": "python -m benchmarks.vs_mergekit --sizes large --rounds 2 --reps 0 "
                               "--output benchmarks/results/vs_mergekit_large.json",
+    "vs_mergekit_tinyllama.json": "python -m benchmarks.vs_mergekit --sizes tinyllama --dtypes bfloat16 --methods slerp,linear "
+                                  "--rounds 2 --reps 0 --baseline /tmp/vsm/baseline --dir /tmp/vsm "
+                                  "--output benchmarks/results/vs_mergekit_tinyllama.json",
     "processes.json": "python -m benchmarks.processes",
     "quality.json": "python -m benchmarks.quality",
     "quality-quick.json": "python -m benchmarks.quality --quick",
