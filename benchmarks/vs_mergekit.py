@@ -93,7 +93,6 @@ def _build(root: Path, size: str, dtype: str) -> tuple[Path, list[Path]]:
     paths = [folder / name for name in ("base", "ft0", "ft1", "ft2")]
     if all((p / "config.json").exists() for p in paths):
         return paths[0], paths[1:]
-    torch.manual_seed(0)
     heads, kv_heads = HEADS.get(size, (max(1, hidden // 128), max(1, hidden // 256)))
     config = LlamaConfig(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
