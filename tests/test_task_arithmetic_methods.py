@@ -8,6 +8,7 @@ share, L1 rescale) and are reproducible by key.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -127,6 +128,40 @@ def test_della_keeps_large_entries_more_often():
     # Keep probability rises linearly from 0.1 (smallest) to 0.9 (largest) along each row.
     lowest, highest = kept[:, :200].mean(), kept[:, -200:].mean()
     assert abs(lowest - 0.14) < 0.03 and abs(highest - 0.86) < 0.03, (lowest, highest)
+
+
+def test_della_keep_probability_is_linear_in_rank_and_ties_share_their_mean_rank():
+    """The partner draw keeps each entry with mergekit's probability (density - eps) + 2 eps (rank - 1)/(n - 1):
+    checked bin by bin of ranks over 64 rows, and for tied magnitudes (the mean of their ranks)."""
+    from jaxmerge.core.pruning import della_drop
+
+    rows, n, density, eps = 64, 2048, 0.5, 0.4
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    draws = 8  # 8 keys: 8 x 64 x 128 = 65536 entries a bin, binomial sd <= 0.002
+    kept = np.stack([np.asarray(della_drop(jnp.asarray(x), density, eps, jax.random.key(k))) != 0 for k in range(draws)])
+    ranks = np.argsort(np.argsort(np.abs(x), axis=1), axis=1)  # 0 .. n-1 within each row
+    bins = 16
+    for b in range(bins):
+        in_bin = (ranks >= b * n // bins) & (ranks < (b + 1) * n // bins)
+        expected = (density - eps) + 2 * eps * ranks[in_bin].mean() / (n - 1)
+        observed = kept[:, in_bin].mean()
+        assert abs(observed - expected) < 0.01, (b, observed, expected)
+    # Ties: four magnitudes, 512 entries each, in shuffled positions; each value's share follows its mean rank.
+    values = np.repeat(np.array([0.5, -1.0, 2.0, -3.0], np.float32), n // 4)
+    tied = np.stack([rng.permutation(values) for _ in range(rows)])
+    kept = np.stack([np.asarray(della_drop(jnp.asarray(tied), density, eps, jax.random.key(100 + k))) != 0
+                     for k in range(draws)])
+    for group, magnitude in enumerate([0.5, 1.0, 2.0, 3.0]):
+        mean_rank = group * n // 4 + (n // 4 - 1) / 2
+        expected = (density - eps) + 2 * eps * mean_rank / (n - 1)
+        observed = kept[:, np.abs(tied) == magnitude].mean()
+        assert abs(observed - expected) < 0.01, (magnitude, observed, expected)
+    # A 1-D tensor is one row; a row of one entry is kept with density - epsilon.
+    single = np.asarray(della_drop(jnp.ones((1, 1)), density, eps, jax.random.key(0)))
+    assert single.shape == (1, 1)
+    lone = np.mean([np.asarray(della_drop(jnp.ones((40000, 1)), density, eps, jax.random.key(1))) != 0])
+    assert abs(lone - (density - eps)) < 0.01, lone
 
 
 def test_della_epsilon_out_of_range_is_one_line():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmerge.core import _validation as v
-from jaxmerge.core._dtypes import compute_dtype, uint_like
+from jaxmerge.core._dtypes import compute_dtype
 from jaxmerge.core._kernels import kernel
 from jaxmerge.core.selection import density_to_k, keep_top_k_magnitude, masked, top_k_magnitude_mask
 
@@ -96,25 +96,51 @@ def keep_magnitude_band(x: jax.Array, k, k_top, partitioned: bool = False) -> ja
 def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
     """DELLA's MagPrune (Deep et al., 2024, arXiv:2406.11617), as mergekit's `della_magprune`.
 
-    Within each row (axis 1; a 1-D tensor is one row) the entries are ranked by
-    magnitude and kept with probability `density - epsilon + 2 * epsilon * r`,
-    r = (rank - 1) / (row length - 1): larger entries are kept more often.
-    Density >= 1 keeps everything, density <= 0 nothing. Ranking needs a sort
-    of each row (not of the whole tensor).
+    Within each row (axis 1; a 1-D tensor is one row) an entry is kept with
+    probability `p = density - epsilon + 2 * epsilon * r`, where
+    r = (rank - 1) / (row length - 1) is its rank by magnitude: larger entries are
+    kept more often. Density >= 1 keeps everything, density <= 0 nothing.
+
+    mergekit sorts each row to know r. Here no sort: each entry compares itself
+    with one other entry of its row drawn uniformly at random, its partner, which
+    is smaller in magnitude with probability exactly r (a tie counts as smaller
+    with probability 1/2). With u ~ U(0, 1), an entry is kept where
+    u < density - epsilon, or where u falls in [density - epsilon, density + epsilon)
+    and its partner is smaller: probability (density - epsilon) + 2 * epsilon * r,
+    independently for every entry, which is the law of mergekit's mask (a
+    Bernoulli(p) per entry) in linear time instead of a sort per row. Tied
+    magnitudes get the mean of their ranks in expectation (mergekit's argsort gives
+    them their positions' ranks).
+
+    Args:
+      x: the task tensor.
+      density: the mean keep probability (traced is fine).
+      epsilon: half the spread of keep probabilities between the smallest and
+        largest entry of a row.
+      key: a `jax.random.key`: one uniform and one partner index per entry.
+
+    Returns:
+      x with the dropped entries zeroed (no rescaling), same shape and dtype.
     """
     cd = compute_dtype(x.dtype)
     rows = x[None] if x.ndim < 2 else x
     shape = rows.shape
-    # Ranks: one key-value sort of |x|'s bit patterns per row (unsigned integers sort faster than
-    # floats on XLA:CPU and keep the order of non-negative floats), then the inverse permutation.
-    bits = lax.bitcast_convert_type(jnp.abs(rows.astype(cd)), uint_like(cd))
-    position = lax.broadcasted_iota(jnp.int32, shape, 1)
-    _, order = lax.sort((bits, position), dimension=1, num_keys=1, is_stable=False)
-    ranks = jnp.put_along_axis(jnp.zeros(shape, jnp.int32), order, position, axis=1, inplace=False)
-    rank_norm = jnp.clip(ranks.astype(cd) / max(shape[1] - 1, 1), 0, 1)
-    d = jnp.asarray(density, cd)
-    probs = (d - epsilon) + rank_norm * 2 * jnp.asarray(epsilon, cd)
-    keep = jax.random.uniform(key, shape, cd) < probs
+    magnitude = jnp.abs(rows.astype(cd))
+    d, eps = jnp.asarray(density, cd), jnp.asarray(epsilon, cd)
+    band_key, partner_key = jax.random.split(key)
+    u = jax.random.uniform(band_key, shape, cd)
+    if shape[1] > 1:
+        # A uniform partner among the row's other entries: draw from n - 1 and skip the entry itself.
+        column = lax.broadcasted_iota(jnp.int32, shape, 1)
+        partner = jax.random.randint(partner_key, shape, 0, shape[1] - 1, jnp.int32)
+        partner = partner + (partner >= column).astype(jnp.int32)
+        other = jnp.take_along_axis(magnitude, partner, axis=1)
+        # Inside the band, u's lower half is a fair coin independent of the partner: it settles ties.
+        coin = u - (d - eps) < eps
+        smaller = (other < magnitude) | ((other == magnitude) & coin)
+    else:
+        smaller = jnp.zeros(shape, bool)  # a row of one entry has rank 0: p = density - epsilon
+    keep = (u < d - eps) | ((u < d + eps) & smaller)
     kept = masked(rows, keep)
     kept = jnp.where(d >= 1, rows, jnp.where(d <= 0, jnp.zeros((), rows.dtype), kept))
     return kept.reshape(x.shape)
