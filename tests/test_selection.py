@@ -12,6 +12,11 @@ from jaxmerge.core import selection
 from jaxmerge.core._dtypes import count_dtype
 
 mask_fn = jax.jit(selection.top_k_magnitude_mask)
+# The two algorithms behind it, each on every size (top_k_magnitude_mask picks by size).
+ALGORITHMS = {
+    "bitwise": jax.jit(lambda x, k: selection._bitwise_mask(x, jnp.asarray(k, count_dtype()))),
+    "counting": jax.jit(lambda x, k: selection._counting_mask(x, jnp.asarray(k, count_dtype()), False)),
+}
 
 
 def reference_mask(x, k):
@@ -31,7 +36,10 @@ def reference_mask(x, k):
 def test_exact_count_and_largest_magnitudes(shape, density):
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     k = int(density * x.size)
-    np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
+    expected = reference_mask(x, k)
+    np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), expected)
+    for name, algorithm in ALGORITHMS.items():
+        np.testing.assert_array_equal(np.asarray(algorithm(x, k)), expected, err_msg=name)
 
 
 @pytest.mark.parametrize(
@@ -46,9 +54,11 @@ def test_exact_count_and_largest_magnitudes(shape, density):
         ([-3.0e38, 3.0e38, 1.0, -np.inf], 2),  # extremes
     ],
 )
-def test_edge_values(values, k):
+@pytest.mark.parametrize("algorithm", ["top_k_magnitude_mask", *ALGORITHMS])
+def test_edge_values(values, k, algorithm):
     x = np.array(values, np.float32)
-    np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
+    fn = ALGORITHMS.get(algorithm, mask_fn)
+    np.testing.assert_array_equal(np.asarray(fn(x, k)), reference_mask(x, k))
 
 
 def test_many_ties_in_a_large_tensor():
@@ -57,7 +67,9 @@ def test_many_ties_in_a_large_tensor():
     x = rng.integers(-20, 20, size=(512, 700)).astype(np.float32)
     for density in (0.1, 0.37, 0.5, 0.93):
         k = int(density * x.size)
-        np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
+        expected = reference_mask(x, k)
+        np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), expected)
+        np.testing.assert_array_equal(np.asarray(ALGORITHMS["bitwise"](x, k)), expected)
 
 
 def _bfloat16_deltas(rng, n):
@@ -117,7 +129,8 @@ def test_the_search_snaps_to_sample_values_only_on_discrete_data(make, discrete)
 )
 def test_property_matches_stable_sort(x, density):
     k = int(density * x.size)
-    np.testing.assert_array_equal(np.asarray(mask_fn(x, k)), reference_mask(x, k))
+    for name, algorithm in ALGORITHMS.items():
+        np.testing.assert_array_equal(np.asarray(algorithm(x, k)), reference_mask(x, k), err_msg=name)
 
 
 def test_traced_k_and_keep_values():

@@ -418,6 +418,11 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
     """Boolean mask with exactly `k` True entries: those of largest |x|.
 
     Ties at the threshold are broken towards the lowest flat (row-major) index.
+    Tensors of up to `BITWISE_MAX` entries (norms, biases, small models) take
+    `_bitwise_mask`, a short program that compiles 2-4x faster than the search
+    (0.3-0.6 s against 1.3-1.7 s on 2 cores, measured) at a few milliseconds of run
+    time at most; larger ones take the search (`_counting_mask`). Both give the
+    same mask.
 
     Args:
       x: a floating array.
@@ -436,8 +441,46 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
             f"tensor of {n} entries is larger than {max_count()}, the largest count this "
             "configuration can represent; enable jax_enable_x64"
         )
+    k = jnp.clip(jnp.asarray(k).astype(count_dtype()), 0, n)
+    if n <= BITWISE_MAX:
+        return _bitwise_mask(x, k)
+    return _counting_mask(x, k, partitioned)
+
+
+# Up to this size the bitwise search's 31 counting passes cost milliseconds, less than the
+# compile time they save (float32, 2 cores, measured: 0.23 ms against 0.18 ms at 2048 entries,
+# 1.0 against 0.4 ms at 16384, 3.7 against 1.1 ms at 65536).
+BITWISE_MAX = 65536
+
+
+def _bitwise_mask(x: jax.Array, k) -> jax.Array:
+    """`top_k_magnitude_mask` for small tensors, k a clipped count: the k-th largest magnitude's bit
+    pattern T is built one bit at a time from the top (keep a bit where count(bits >= T) >= k still
+    holds: one counting pass per bit), then the entries tied at T are kept in flat order by a
+    prefix sum. No sample, no bracket, no branches: a program a fraction of the search's size."""
+    layout = _BitLayout(compute_dtype(x.dtype))
     cdt = count_dtype()
-    k = jnp.clip(jnp.asarray(k).astype(cdt), 0, n)
+    bits = _magnitude_bits(x.reshape(-1), layout)
+    width = 8 * layout.uint.itemsize - 1  # |x| has a clear sign bit
+    wanted = jnp.maximum(k, 1)  # k == 0 keeps nothing below (no entry lies above the largest)
+    one = jnp.ones((), layout.uint)
+
+    def keep_bit(i, threshold):
+        candidate = threshold | lax.shift_left(one, (width - 1 - i).astype(layout.uint))
+        return jnp.where(jnp.sum(bits >= candidate, dtype=cdt) >= wanted, candidate, threshold)
+
+    threshold = lax.fori_loop(0, width, keep_bit, jnp.zeros((), layout.uint))
+    above = bits > threshold
+    tied = bits == threshold
+    need = k - jnp.sum(above, dtype=cdt)  # 0 <= need: fewer than `wanted` entries lie above T
+    keep = above | (tied & (jnp.cumsum(tied, dtype=cdt) <= need))
+    return keep.reshape(x.shape)
+
+
+def _counting_mask(x: jax.Array, k, partitioned: bool) -> jax.Array:
+    """`top_k_magnitude_mask` by the search of the module docstring, k a clipped count."""
+    n = x.size
+    cdt = count_dtype()
     # Half-precision values are widened inside each pass, never copied whole.
     layout = _BitLayout(compute_dtype(x.dtype))
     uint = layout.uint
