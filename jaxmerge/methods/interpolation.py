@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from jaxmerge.core._dtypes import compute_dtype, separate_pass
@@ -265,32 +266,40 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
     shape, dtype = tensors[0].shape, tensors[0].dtype
     n = len(tensors)
     tol = jnp.asarray(tol, cd)
-    flat = jnp.stack([x.reshape(-1).astype(cd) for x in tensors])
-    norms = _norm(flat, axis=1)
-    units = flat / _safe(norms, norms == 0)[:, None]  # a zero tensor's unit is zero
+    # One array per model, never stacked: each pass computes the units it reads from the inputs, so
+    # no stacked copy of the models or of their units is written (3 x 4096² float32: 1.06 s -> 0.27 s).
+    # Sums over the models are unrolled: XLA:CPU's reduction over the leading axis of stacked
+    # tensors is ~1300x slower (3 x 4096² float32: 28.7 s against 0.022 s, measured).
+    flat = [x.reshape(-1).astype(cd) for x in tensors]
+    norms = jnp.stack([_norm(x) for x in flat])
+    units = [x / _safe(norms[i], norms[i] == 0) for i, x in enumerate(flat)]  # a zero tensor's unit is zero
     valid = norms > tol
     alphas = jnp.where(valid, 1.0 / n, 0).astype(cd)
     alphas = alphas / _safe(jnp.sum(alphas), ~jnp.any(valid))
-    # Sums over the models are unrolled: XLA:CPU's reduction over the leading axis of the stacked
-    # units is ~1300x slower (3 x 4096² float32: 28.7 s against 0.022 s, measured).
     mean = sum_tasks([alphas[i] * units[i] for i in range(n)])
     mean_norm = _norm(mean)
-    mean = jnp.where(mean_norm < tol, units[jnp.argmax(valid)], mean / _safe(mean_norm, mean_norm == 0))
+    # lax.cond, not where: the rare fallback would read every model again in the common case's pass.
+    mean = lax.cond(mean_norm < tol, lambda: lax.switch(jnp.argmax(valid), [lambda u=u: u for u in units]),
+                    lambda: mean / _safe(mean_norm, mean_norm == 0))
 
     def step(state):
         i, mean, _ = state
         # HIGHEST: no reduced-precision matmul (TF32) on accelerators.
-        dots = jnp.clip(jnp.dot(units, mean, precision=jax.lax.Precision.HIGHEST), -1, 1)
+        dots = jnp.clip(jnp.stack([jnp.dot(u, mean, precision=jax.lax.Precision.HIGHEST) for u in units]), -1, 1)
         theta = jnp.arccos(dots)
         skip = (theta < tol) | ~valid
         factor = jnp.where(skip, 0, alphas * theta / _safe(jnp.sin(theta), skip))
         tangent = sum_tasks([factor[i] * (units[i] - dots[i] * mean) for i in range(n)])
         tangent_norm = _norm(tangent)
         done = tangent_norm < tol
-        moved = jnp.cos(tangent_norm) * mean + jnp.sin(tangent_norm) * (tangent / _safe(tangent_norm, done))
-        unit_norm = _norm(moved)
-        moved = jnp.where(unit_norm > tol, moved / _safe(unit_norm, unit_norm <= tol), moved)
-        return i + 1, jnp.where(done, mean, moved), done
+
+        def move():
+            moved = jnp.cos(tangent_norm) * mean + jnp.sin(tangent_norm) * (tangent / tangent_norm)
+            unit_norm = _norm(moved)
+            return jnp.where(unit_norm > tol, moved / _safe(unit_norm, unit_norm <= tol), moved)
+
+        # lax.cond: the last step (converged) makes no move, and no passes for one.
+        return i + 1, lax.cond(done, lambda: mean, move), done
 
     _, mean, _ = jax.lax.while_loop(
         lambda s: (s[0] < max_iter) & ~s[2], step, (jnp.asarray(0, jnp.int32), mean, jnp.asarray(False))
