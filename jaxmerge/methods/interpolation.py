@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from jaxmerge.core._dtypes import compute_dtype, separate_pass
 from jaxmerge.core._kernels import kernel
