@@ -148,3 +148,17 @@ def test_random_pruning_keeps_dtype(dtype):
     np.testing.assert_allclose(
         to_numpy(out)[kept], to_numpy(x)[kept] * 2, rtol=1e-2 if dtype != jnp.float32 else 1e-6
     )
+
+
+def test_uniform_index_is_the_exact_floor_of_word_times_count():
+    """DELLA's partner index: floor(word * count / 2**32) in 32-bit arithmetic, exact (checked in 64-bit)."""
+    from jaxmerge.core.pruning import _uniform_index
+
+    key = jax.random.key(3)
+    words = np.asarray(jax.random.bits(key, (4096,), jnp.uint32)).astype(np.uint64)
+    for count in (1, 2, 7, 4095, 65535):
+        got = np.asarray(_uniform_index(key, (4096,), count))
+        np.testing.assert_array_equal(got, (words * np.uint64(count)) >> np.uint64(32))
+        assert got.min() >= 0 and got.max() < count
+    big = np.asarray(_uniform_index(key, (4096,), 70000))  # randint past 2**16
+    assert big.min() >= 0 and big.max() < 70000 and len(np.unique(big)) > 3000
