@@ -48,6 +48,10 @@ _MIN_DENSITY = 1e-30
 _MAX_ROW = 16384  # longer rows fall off XLA:CPU's fast reduction path (measured: 13x slower at 65536)
 _MIN_ROW = 256
 _PAD_ROW = 4096
+# Unsharded tensors up to this size take `_bitwise_mask`: its 31 counting passes cost milliseconds,
+# less than the compile time they save (float32, 2 cores, measured: 0.23 ms against 0.18 ms at 2048
+# entries, 1.0 against 0.4 ms at 16384, 3.7 against 1.1 ms at 65536).
+_BITWISE_MAX = 65536
 
 
 @functools.lru_cache(maxsize=None)
@@ -418,7 +422,7 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
     """Boolean mask with exactly `k` True entries: those of largest |x|.
 
     Ties at the threshold are broken towards the lowest flat (row-major) index.
-    Unsharded tensors of up to `BITWISE_MAX` entries (norms, biases, small models) take
+    Unsharded tensors of up to 65536 entries (norms, biases, small models) take
     `_bitwise_mask`, a short program that compiles 2-4x faster than the search
     (0.3-0.6 s against 1.3-1.7 s on 2 cores, measured) at a few milliseconds of run
     time at most; larger ones take the search (`_counting_mask`). Both give the
@@ -442,15 +446,10 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
             "configuration can represent; enable jax_enable_x64"
         )
     k = jnp.clip(jnp.asarray(k).astype(count_dtype()), 0, n)
-    if n <= BITWISE_MAX and not partitioned:  # its flat prefix sum would gather a sharded x
+    if n <= _BITWISE_MAX and not partitioned:  # its flat prefix sum would gather a sharded x
         return _bitwise_mask(x, k)
     return _counting_mask(x, k, partitioned)
 
-
-# Up to this size the bitwise search's 31 counting passes cost milliseconds, less than the
-# compile time they save (float32, 2 cores, measured: 0.23 ms against 0.18 ms at 2048 entries,
-# 1.0 against 0.4 ms at 16384, 3.7 against 1.1 ms at 65536).
-BITWISE_MAX = 65536
 
 
 def _bitwise_mask(x: jax.Array, k) -> jax.Array:

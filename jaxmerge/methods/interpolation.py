@@ -285,7 +285,7 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
     def step(state):
         i, mean, _ = state
         # HIGHEST: no reduced-precision matmul (TF32) on accelerators.
-        dots = jnp.clip(jnp.stack([jnp.dot(u, mean, precision=jax.lax.Precision.HIGHEST) for u in units]), -1, 1)
+        dots = jnp.clip(jnp.stack([jnp.dot(u, mean, precision=lax.Precision.HIGHEST) for u in units]), -1, 1)
         theta = jnp.arccos(dots)
         skip = (theta < tol) | ~valid
         factor = jnp.where(skip, 0, alphas * theta / _safe(jnp.sin(theta), skip))
@@ -301,7 +301,7 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
         # lax.cond: the last step (converged) makes no move, and no passes for one.
         return i + 1, lax.cond(done, lambda: mean, move), done
 
-    _, mean, _ = jax.lax.while_loop(
+    _, mean, _ = lax.while_loop(
         lambda s: (s[0] < max_iter) & ~s[2], step, (jnp.asarray(0, jnp.int32), mean, jnp.asarray(False))
     )
     result = (jnp.sum(norms) / n) * mean
