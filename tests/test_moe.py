@@ -295,6 +295,26 @@ def test_bad_configuration_is_one_line(built, tmp_path, capsys, change, expected
     assert not out.exists()
 
 
+def test_base_without_tokenizer_is_one_line(built, tmp_path, capsys):
+    """cheap_embed tokenises while the experts are copied (a child process); its failure still ends the build
+    with one line, exit 2, and nothing written."""
+    import shutil
+
+    root, configs, _, llama = built
+    base = tmp_path / "base-without-tokenizer"
+    base.mkdir()
+    for f in llama[0].iterdir():
+        if "token" not in f.name:
+            shutil.copy(f, base / f.name)
+    config = dict(configs["mixtral_cheap"], base_model=str(base))
+    path, out = _bad(tmp_path, config)
+    capsys.readouterr()
+    assert main(["moe", str(path), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{base}: no tokenizer for the experts' prompts" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".*out*"))
+
+
 def test_unknown_keys_warn_or_refuse_when_strict(built, tmp_path, capsys):
     root, configs, _, _ = built
     config = dict(configs["mixtral_cheap"], jaxmerge_extra=1)

@@ -12,6 +12,8 @@ a merged vocabulary) wrap the source they derive from.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -39,23 +41,58 @@ class ArraySource:
 
     For outputs that no input holds: a mixture of experts' router weights, zero
     biases an output architecture needs. The arrays are small next to the model;
-    each read copies one into the engine's buffer.
+    each read copies one into the engine's buffer. They may also be computed
+    later: with `specs`, `arrays` is a function called on the first read (from
+    the engine's reader thread), so a slow computation (the routers waiting for
+    the prompts' token ids) overlaps the tensors streamed before.
     """
 
-    def __init__(self, label: str | os.PathLike, arrays: dict[str, np.ndarray]):
+    def __init__(self, label: str | os.PathLike, arrays: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]],
+                 specs: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None):
         """Args:
           label: what errors name as this source's path ("router weights").
-          arrays: tensor name -> floating NumPy array (float64/32/16 or ml_dtypes bfloat16).
+          arrays: tensor name -> floating NumPy array (float64/32/16 or ml_dtypes bfloat16); or, with
+            `specs`, a function returning that dict, called once, on the first read.
+          specs: name -> (shape, dtype) of every array the function will return (required with one).
+
+        Raises:
+          CheckpointError: a dtype no checkpoint holds; on the first read, a computed array that is
+            missing or differs from its spec.
         """
         self.path = Path(label)
-        self._arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
-        self.tensors = {name: TensorInfo(name, tuple(a.shape), _code(a.dtype, name)) for name, a in self._arrays.items()}
+        self._lock = threading.Lock()
+        if callable(arrays):
+            if specs is None:
+                raise TypeError("ArraySource: computed arrays need their specs")
+            self._compute, self._arrays = arrays, None
+        else:
+            self._compute, self._arrays = None, {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+            specs = {name: (a.shape, a.dtype) for name, a in self._arrays.items()}
+        self.tensors = {name: TensorInfo(name, tuple(shape), _code(np.dtype(dtype), name))
+                        for name, (shape, dtype) in specs.items()}
 
     def read_host(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """A copy of array `name` (in `into` when it fits, as `Checkpoint.read_host`)."""
-        if name not in self._arrays:
+        if name not in self.tensors:
             raise CheckpointError(f"{self.path}: no tensor {name}")
-        return copy_to_host(self._arrays[name], into)
+        return copy_to_host(self._computed()[name], into)
+
+    def materialize(self) -> None:
+        """Compute the arrays now, if they are computed and not yet (a dry run checks they can be)."""
+        self._computed()
+
+    def _computed(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._arrays is None:
+                arrays = {name: np.ascontiguousarray(a) for name, a in self._compute().items()}
+                for name, info in self.tensors.items():
+                    got = arrays.get(name)
+                    if got is None or tuple(got.shape) != info.shape or _code(got.dtype, name) != info.dtype:
+                        what = "missing" if got is None else f"{got.dtype} {list(got.shape)}"
+                        raise CheckpointError(f"{self.path}: tensor {name} was computed as {what}, "
+                                              f"its spec is {info.dtype} {list(info.shape)}")
+                self._arrays = arrays
+            return self._arrays
 
 
 def _code(dtype: np.dtype, name: str) -> str:

@@ -5,10 +5,13 @@ The MoE is a layout for `jaxmerge.engine.stream.merge_checkpoints` with the
 base model; expert `e`'s weights of layer `l` are the `model.layers.l.mlp.*`
 tensors of expert `e`'s model (its down projection times `residual_scale`, every
 MLP weight plus `noise_scale` x N(0, 1) noise drawn from the seed); the routers'
-weights, and the zero attention biases Qwen MoE needs, are computed first and
-read from memory (`jaxmerge.formats.sources.ArraySource`). So the build streams
-tensor by tensor like a merge: memory stays near the largest tensors, the output
-directory appears only when complete, the inputs are only read.
+weights, and the zero attention biases Qwen MoE needs, are computed and read from
+memory (`jaxmerge.formats.sources.ArraySource`). So the build streams tensor by
+tensor like a merge: memory stays near the largest tensors, the output directory
+appears only when complete, the inputs are only read. The computed tensors come
+last: `cheap_embed` routers wait for the prompts' token ids, tokenised by a child
+process meanwhile (`jaxmerge.tools.moe.prompt_tokens`), so the seconds of loading
+transformers overlap the copy instead of preceding it.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from jaxmerge.methods.pytree import path_key
 from jaxmerge.recipes.plan import reference_source, resolve_reference
 from jaxmerge.tools.moe.architectures import PROJECTIONS, MoeArchitecture, select_architecture
 from jaxmerge.tools.moe.config import Expert, MoeConfig, MoeError, check_config, load_moe_config
-from jaxmerge.tools.moe.gates import EMBEDDING, gate_vectors, warn_if_degenerate
+from jaxmerge.tools.moe.gates import EMBEDDING, gate_vectors, start_prompt_tokens, warn_if_degenerate
+from jaxmerge.tools.moe.prompt_tokens import PromptTokens
 
+COMPUTED = "router weights (computed)"  # what errors name as the computed tensors' source
 CONFIG_FILE = "mergekit_moe_config.yml"  # the configuration, beside the output (as mergekit-moe writes it)
 _SKIPPED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints hold; no architecture loads them
 
@@ -47,21 +52,30 @@ class MoePlan:
     layout: list[OutputTensor]
     out_dtype: str | None  # the output's dtype name (None: each tensor's own)
     out_config: dict
-    notes: list[str]  # warnings to show (several architectures fit, ill-conditioned gates)
+    notes: list[str]  # warnings to show (several architectures fit, ill-conditioned gates known now)
+    prompt_tokens: PromptTokens | None = None  # the child tokenising cheap_embed's prompts (`close` when done)
+
+    def close(self) -> None:
+        """Stop the prompts' tokenizer process if it still runs (a build that failed before the routers)."""
+        if self.prompt_tokens is not None:
+            self.prompt_tokens.close()
 
 
 def plan_moe(config: MoeConfig | str | os.PathLike, *, seed: int = 0, allow_all_same: bool = False,
-             strict: bool = False) -> MoePlan:
-    """Check the configuration and the models, compute the routers' weights, and lay the output out.
+             strict: bool = False, warn=None) -> MoePlan:
+    """Check the configuration and the models, start the routers' weights, and lay the output out.
 
     Args:
       config: a `MoeConfig` or the path of a mergekit-moe YAML file.
       seed: key of the random gates and of `noise_scale`'s noise (`jax.random.key(seed)`).
       allow_all_same: build even when every expert is the same model.
       strict: refuse keys mergekit ignores (with a path).
+      warn: `warn(line)` for the notes about `cheap_embed` routers, known only once they are computed
+        (during the build; default: `warnings.warn` as RecipeWarning).
 
     Returns:
-      The plan (nothing written).
+      The plan (nothing written). With `cheap_embed` the routers are computed on their first read;
+      `MoePlan.close` stops their tokenizer process if that never comes.
 
     Raises:
       MoeError / CheckpointError: one line naming the file, model, tensor and value.
@@ -85,33 +99,54 @@ def plan_moe(config: MoeConfig | str | os.PathLike, *, seed: int = 0, allow_all_
     expert_index = [model_index(e.source_model, f"experts[{i}].source_model") for i, e in enumerate(config.experts)]
     shared_index = [model_index(e.source_model, f"shared_experts[{i}].source_model")
                     for i, e in enumerate(config.shared_experts)]
-    configs = [_model_config(m, where) for m, _ in models]
-    order = [base_index, *expert_index, *shared_index]
-    arch, notes = select_architecture(config, [configs[i].get("model_type") for i in order])
-    base_config = configs[base_index]
-    layers, hidden = _size(base_config, "num_hidden_layers", models[base_index][0]), _size(base_config, "hidden_size", models[base_index][0])
-    sources = [reference_source(m, a) for m, a in models]
-    opened = [open_checkpoint(s) for s in sources]
-    _check_experts(opened, base_index, sorted(set(expert_index + shared_index)), layers)
-    out_dtype = config.dtype or _config_dtype(base_config)
-    key = jax.random.key(seed)
+    base_dir = models[base_index][0].directory
+    tokens = start_prompt_tokens(config.gated, base_dir, where) if config.gate_mode == "cheap_embed" else None
+    try:
+        configs = [_model_config(m, where) for m, _ in models]
+        order = [base_index, *expert_index, *shared_index]
+        arch, notes = select_architecture(config, [configs[i].get("model_type") for i in order])
+        base_config = configs[base_index]
+        layers, hidden = _size(base_config, "num_hidden_layers", models[base_index][0]), _size(base_config, "hidden_size", models[base_index][0])
+        sources = [reference_source(m, a) for m, a in models]
+        opened = [open_checkpoint(s) for s in sources]
+        _check_experts(opened, base_index, sorted(set(expert_index + shared_index)), layers)
+        out_dtype = config.dtype or _config_dtype(base_config)
+        key = jax.random.key(seed)
+        gate_dtype = _gate_dtype(out_dtype, opened[base_index])
+        base = opened[base_index]
 
-    gates = gate_vectors(config.gate_mode, config.gated, base_dir=models[base_index][0].directory,
-                         base=opened[base_index], layers=layers, hidden=hidden, key=path_key(key, "router"),
-                         where=where)
-    notes += _degenerate_notes(gates)
-    gate_dtype = _gate_dtype(out_dtype, opened[base_index])
-    computed = _computed_tensors(arch, config, gates, opened[base_index], layers, gate_dtype)
-    computed_index = len(sources)
-    sources.append(ArraySource("router weights (computed)", computed))
-    layout = _layout(arch, config, opened[base_index], base_index, expert_index, shared_index, computed,
-                     computed_index, layers, key)
+        def gates():
+            return gate_vectors(config.gate_mode, config.gated, base_dir=base_dir, base=base, layers=layers,
+                                hidden=hidden, key=path_key(key, "router"), where=where, tokens=tokens)
+
+        if tokens is None:  # computed now: their notes are shown before the build
+            gate_rows = gates()
+            notes += _degenerate_notes(gate_rows)
+            computed = ArraySource(COMPUTED, _computed_tensors(arch, config, gate_rows, base, layers, gate_dtype))
+        else:  # computed on the first read of a router, once the child has tokenised the prompts
+
+            def compute():
+                gate_rows = gates()
+                _show(_degenerate_notes(gate_rows), warn)
+                return _computed_tensors(arch, config, gate_rows, base, layers, gate_dtype)
+
+            placeholder = np.zeros((layers, len(config.gated), hidden), np.float32)
+            specs = {name: (a.shape, a.dtype)
+                     for name, a in _computed_tensors(arch, config, placeholder, base, layers, gate_dtype).items()}
+            computed = ArraySource(COMPUTED, compute, specs)
+        sources.append(computed)
+        layout = _layout(arch, config, base, base_index, expert_index, shared_index, computed.tensors,
+                         len(sources) - 1, layers, key)
+    except BaseException:
+        if tokens is not None:
+            tokens.close()
+        raise
     out_config = {**base_config, **arch.config(base_config, config)}
     out_config.pop("transformers_version", None)
     set_config_dtype(out_config, DTYPE_NAMES[out_dtype] if out_dtype else None)
     if arch.torch_dtype_key and out_dtype:
         out_config["torch_dtype"] = out_dtype
-    return MoePlan(config, arch, models, sources, layout, out_dtype, out_config, notes)
+    return MoePlan(config, arch, models, sources, layout, out_dtype, out_config, notes, tokens)
 
 
 def build_moe(config: MoeConfig | str | os.PathLike, output: str | os.PathLike, *, seed: int = 0,
@@ -132,13 +167,17 @@ def build_moe(config: MoeConfig | str | os.PathLike, output: str | os.PathLike, 
     Returns:
       (the MoE plan, the engine's executed plan).
     """
-    plan = plan_moe(config, seed=seed, allow_all_same=allow_all_same, strict=strict)
-    _show(plan.notes, warn)
-    merged = merge_checkpoints(
-        plan.sources, output, method="passthrough", layout=plan.layout, out_dtype=plan.out_dtype, seed=seed,
-        force=force, progress="building the MoE" if progress else False, max_shard_size=max_shard_size,
-        allow_nonfinite=allow_nonfinite, depth=depth, finish=lambda tmp, _: _write_model_files(tmp, plan), record=_record(plan, seed),
-    )
+    plan = plan_moe(config, seed=seed, allow_all_same=allow_all_same, strict=strict, warn=warn)
+    try:
+        _show(plan.notes, warn)
+        merged = merge_checkpoints(
+            plan.sources, output, method="passthrough", layout=plan.layout, out_dtype=plan.out_dtype, seed=seed,
+            force=force, progress="building the MoE" if progress else False, max_shard_size=max_shard_size,
+            allow_nonfinite=allow_nonfinite, depth=depth, finish=lambda tmp, _: _write_model_files(tmp, plan),
+            record=_record(plan, seed),
+        )
+    finally:
+        plan.close()
     return plan, merged
 
 
@@ -146,10 +185,14 @@ def dry_run(config: MoeConfig | str | os.PathLike, output: str | os.PathLike, *,
             allow_all_same: bool = False, strict: bool = False, max_shard_size: str | int = "5GB",
             warn=None) -> tuple[MoePlan, MergePlan]:
     """Plan the build as `build_moe` would (the routers computed, every tensor checked) and write nothing."""
-    plan = plan_moe(config, seed=seed, allow_all_same=allow_all_same, strict=strict)
-    _show(plan.notes, warn)
-    merged, _, _ = plan_merge(plan.sources, output, method="passthrough", layout=plan.layout, out_dtype=plan.out_dtype,
-                              seed=seed, max_shard_size=max_shard_size)
+    plan = plan_moe(config, seed=seed, allow_all_same=allow_all_same, strict=strict, warn=warn)
+    try:
+        _show(plan.notes, warn)
+        merged, _, _ = plan_merge(plan.sources, output, method="passthrough", layout=plan.layout,
+                                  out_dtype=plan.out_dtype, seed=seed, max_shard_size=max_shard_size)
+        plan.sources[-1].materialize()
+    finally:
+        plan.close()
     return plan, merged
 
 
@@ -267,17 +310,11 @@ def _expert_tensor(out_name: str, source: int, in_name: str, expert: Expert, pro
 
 def _layout(arch: MoeArchitecture, config: MoeConfig, base: TensorSource, base_index: int, expert_index: list[int],
             shared_index: list[int], computed: dict, computed_index: int, layers: int, key) -> list[OutputTensor]:
-    """Base tensors outside the MLPs in the base's order, then layer by layer: router, experts, shared expert."""
+    """Base tensors outside the MLPs in the base's order, layer by layer the experts and the shared expert,
+    then the computed tensors (routers, zero biases): last, so that nothing waits for them."""
     layout = [OutputTensor(name, ((base_index, name),)) for name in base.tensors
               if ".mlp." not in name and not name.endswith(_SKIPPED)]
-    routers = {arch.router(layer) for layer in range(layers)}
-    if arch.shared_router is not None:
-        routers |= {arch.shared_router(layer) for layer in range(layers)}
-    layout += [OutputTensor(name, ((computed_index, name),)) for name in computed if name not in routers]  # zero biases
     for layer in range(layers):
-        layout.append(OutputTensor(arch.router(layer), ((computed_index, arch.router(layer)),)))
-        if arch.shared_router is not None:
-            layout.append(OutputTensor(arch.shared_router(layer), ((computed_index, arch.shared_router(layer)),)))
         for e, (expert, source) in enumerate(zip(config.experts, expert_index)):
             for proj in PROJECTIONS:
                 shape = base.tensors[_mlp(layer, proj)].shape if _mlp(layer, proj) in base.tensors else None
@@ -289,6 +326,7 @@ def _layout(arch: MoeArchitecture, config: MoeConfig, base: TensorSource, base_i
                     shape = base.tensors[_mlp(layer, proj)].shape if _mlp(layer, proj) in base.tensors else None
                     layout.append(_expert_tensor(arch.shared_tensor(layer, proj), source, _mlp(layer, proj), expert,
                                                  proj, shape, key))
+    layout += [OutputTensor(name, ((computed_index, name),)) for name in computed]
     return layout
 
 

@@ -16,11 +16,15 @@
 For the prompt modes, an expert's vector is the positive prompts' vector minus the
 negative prompts' (each normalised), normalised again (`x / max(|x|, 1e-8)`).
 Prompts are tokenised as mergekit does: the base model's tokenizer, its BOS token
-prepended as text, no other special tokens, left padding.
+prepended as text, no other special tokens, left padding. For `cheap_embed` this
+happens in a child process started before the build
+(`jaxmerge.tools.moe.prompt_tokens`), so loading transformers overlaps copying
+the experts.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from pathlib import Path
@@ -31,13 +35,14 @@ import numpy as np
 from jaxmerge.formats.sources import TensorSource
 from jaxmerge.recipes.schema import RecipeWarning
 from jaxmerge.tools.moe.config import Expert, MoeError
+from jaxmerge.tools.moe.prompt_tokens import PromptTokens, load_tokenizer, tokenize
 
 EMBEDDING = "model.embed_tokens.weight"  # mergekit reads the embeddings under this name
 DEGENERATE_CONDITION = 5.0  # mergekit's threshold on each layer's gate matrix condition number
 
 
 def gate_vectors(mode: str, experts: tuple[Expert, ...], *, base_dir: Path | None, base: TensorSource,
-                 layers: int, hidden: int, key: jax.Array, where: str) -> np.ndarray:
+                 layers: int, hidden: int, key: jax.Array, where: str, tokens: PromptTokens | None = None) -> np.ndarray:
     """The routers' rows for `experts`, (layers, experts, hidden).
 
     Args:
@@ -48,6 +53,8 @@ def gate_vectors(mode: str, experts: tuple[Expert, ...], *, base_dir: Path | Non
       layers, hidden: the base config's num_hidden_layers and hidden_size.
       key: the random modes' key.
       where: names the configuration in errors.
+      tokens: for `cheap_embed`, the prompts' ids from `start_prompt_tokens` (started earlier, so the
+        tokenizer loaded while other work ran); None: tokenised now.
 
     Returns:
       float32 for cheap_embed and the random modes; bfloat16 for the hidden modes (the
@@ -62,20 +69,39 @@ def gate_vectors(mode: str, experts: tuple[Expert, ...], *, base_dir: Path | Non
     if mode == "uniform_random":
         scale = math.sqrt(1.0 / hidden)
         return np.asarray(jax.random.uniform(key, shape, np.float32, minval=-scale, maxval=scale))
-    tokenizer = _prompt_tokenizer(base_dir, where)
     if mode == "cheap_embed":
         if EMBEDDING not in base.tensors:
             raise MoeError(f"{base.path}: tensor {EMBEDDING} is missing (gate_mode cheap_embed reads the embeddings)")
-        embed = np.asarray(base.read_host(EMBEDDING)).astype(np.float32)
+        tokens = tokens if tokens is not None else start_prompt_tokens(experts, base_dir, where)
+        try:
+            batches = dict(zip(map(tuple, tokens.prompt_lists), tokens.result()))
+        except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a missing or broken tokenizer
+            raise MoeError(_no_tokenizer(base_dir, err)) from None
+        embed = np.asarray(base.read_host(EMBEDDING))  # the checkpoint's dtype: only the prompts' rows are widened
 
         def vector(prompts):
-            ids, mask = _tokenize(tokenizer, prompts)
-            summed = (embed[ids] * mask[..., None]).sum(axis=1).sum(axis=0, keepdims=True)
+            ids, mask = batches[tuple(prompts)]
+            summed = (embed[ids].astype(np.float32) * mask[..., None]).sum(axis=1).sum(axis=0, keepdims=True)
             return np.repeat(summed / max(float(np.linalg.norm(summed)), 1e-8), layers, axis=0)
 
         rows = [_expert_row(vector, e) for e in experts]
         return np.stack(rows, axis=1).astype(np.float32)
-    return _hidden_vectors(mode, experts, base_dir, tokenizer, layers, where)
+    return _hidden_vectors(mode, experts, base_dir, _prompt_tokenizer(base_dir, where), layers, where)
+
+
+def start_prompt_tokens(experts: tuple[Expert, ...], base_dir: Path | None, where: str) -> PromptTokens:
+    """Start tokenising the experts' prompts (positive and negative lists) in a child process.
+
+    Raises:
+      MoeError: before anything starts, when there can be no tokenizer (no transformers, no base directory).
+    """
+    _check_tokenizer_prerequisites(base_dir, where)
+    lists = []
+    for expert in experts:
+        for prompts in (expert.positive_prompts, expert.negative_prompts):
+            if prompts and list(prompts) not in lists:
+                lists.append(list(prompts))
+    return PromptTokens(base_dir, lists)
 
 
 def _expert_row(vector, expert: Expert) -> np.ndarray:
@@ -86,30 +112,25 @@ def _expert_row(vector, expert: Expert) -> np.ndarray:
     return row / np.maximum(np.linalg.norm(row, axis=-1, keepdims=True), 1e-8)
 
 
-def _prompt_tokenizer(base_dir: Path | None, where: str):
-    """The base model's tokenizer, set up as mergekit sets it (left padding, pad = BOS, else EOS)."""
-    try:
-        import transformers
-    except ImportError:
+def _check_tokenizer_prerequisites(base_dir: Path | None, where: str) -> None:
+    if importlib.util.find_spec("transformers") is None:
         raise MoeError(f"{where}: gate_mode hidden and cheap_embed tokenize the prompts with transformers: "
-                       "pip install 'jaxmerge[torch]' transformers") from None
+                       "pip install 'jaxmerge[torch]' transformers")
     if base_dir is None:
         raise MoeError(f"{where}: base_model must be a model directory with a tokenizer for prompt-based gates")
+
+
+def _no_tokenizer(base_dir: Path | None, err: Exception) -> str:
+    return f"{base_dir}: no tokenizer for the experts' prompts ({type(err).__name__}: {err})".split("\n")[0]
+
+
+def _prompt_tokenizer(base_dir: Path | None, where: str):
+    """The base model's tokenizer, set up as mergekit sets it (left padding, pad = BOS, else EOS)."""
+    _check_tokenizer_prerequisites(base_dir, where)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(base_dir))
+        return load_tokenizer(base_dir)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a missing or broken tokenizer
-        raise MoeError(f"{base_dir}: no tokenizer for the experts' prompts ({type(err).__name__}: {err})".split("\n")[0]) from None
-    tokenizer.padding_side = "left"
-    tokenizer.pad_token_id = tokenizer.bos_token_id
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _tokenize(tokenizer, prompts, tensors: str = "np"):
-    batch = tokenizer([(tokenizer.bos_token or "") + p for p in prompts], return_tensors=tensors, padding=True,
-                      add_special_tokens=False)
-    return batch["input_ids"], batch["attention_mask"]
+        raise MoeError(_no_tokenizer(base_dir, err)) from None
 
 
 def _hidden_vectors(mode: str, experts, base_dir: Path, tokenizer, layers: int, where: str) -> np.ndarray:
@@ -124,7 +145,7 @@ def _hidden_vectors(mode: str, experts, base_dir: Path, tokenizer, layers: int, 
     model.eval()
 
     def vector(prompts):
-        ids, mask = _tokenize(tokenizer, prompts, tensors="pt")
+        ids, mask = tokenize(tokenizer, prompts, tensors="pt")
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
         states = torch.stack(out.hidden_states[:-1])  # (layers, batch, seq, hidden): each layer's input
