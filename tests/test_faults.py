@@ -560,3 +560,45 @@ def test_finite_flags_name_each_input_with_a_nan_or_inf(dtype):
         jnp.zeros((0,), dtype),
     )
     assert np.asarray(finite_flags(leaves)).tolist() == [True, False, False, False, True, False, True]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_host_finite_reads_nan_and_inf_from_the_bits(dtype, monkeypatch):
+    """The host check of tensors copied without a kernel: NaN (any payload, either sign) and +-inf anywhere,
+    in any chunk, are found; the largest finite values, subnormals and -0 are not taken for them."""
+    import ml_dtypes
+
+    from jaxmerge.engine import _finite
+
+    monkeypatch.setattr(_finite, "_HOST_CHUNK", 7)  # several chunks and a short last one
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    info = ml_dtypes.finfo(np_dtype)
+    clean = np.array([0.0, -0.0, 1.0, -2.5, float(info.max), -float(info.max), float(info.smallest_subnormal),
+                      float(info.tiny)] * 3, np_dtype).reshape(4, 6)
+    assert _finite.host_finite(clean) and _finite.host_finite(clean[:, ::2])  # a strided view too
+    assert _finite.host_finite(np.zeros((0, 3), np_dtype))
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[np_dtype.itemsize]
+    quiet_nan_with_payload = np.array([np.nan], np_dtype).view(uint) | uint(1)
+    for bad in (np.nan, -np.nan, np.inf, -np.inf, quiet_nan_with_payload.view(np_dtype)[0]):
+        for position in (0, 6, 7, 23):
+            x = clean.copy().reshape(-1)
+            x[position] = bad
+            assert not _finite.host_finite(x.reshape(4, 6)), (bad, position)
+
+
+def test_a_copied_tensor_with_nan_stops_the_merge_unless_allowed(tmp_path):
+    """Passthrough without a scale writes the input's bytes with no kernel; its NaN is still one line, naming
+    the file and tensor, and nothing is written; allowed, the bytes are copied as they are."""
+    from jaxmerge.engine.stream import merge_checkpoints
+    from jaxmerge.formats.safetensors_io import Checkpoint, CheckpointError
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    x[1, 2] = np.nan
+    save_file({"a": np.ones(5, np.float32), "w": x}, str(tmp_path / "in.safetensors"))
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"in\.safetensors: tensor w holds NaN or inf"):
+        merge_checkpoints([tmp_path / "in.safetensors"], out, method="passthrough", progress=False)
+    assert not out.exists()
+    merge_checkpoints([tmp_path / "in.safetensors"], out, method="passthrough", progress=False, allow_nonfinite=True)
+    got = Checkpoint(out).read_host("w")
+    assert got.tobytes() == x.tobytes()

@@ -44,6 +44,39 @@ def finite_flags(leaves):
     return jnp.stack([finite(x) for x in leaves])
 
 
+# Exponent bits of each float dtype as an unsigned integer: NaN and inf are exactly the values whose
+# exponent bits are all set.
+_EXPONENT_BITS = {"float64": (np.uint64, 0x7FF0000000000000), "float32": (np.uint32, 0x7F800000),
+                  "float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80)}
+_HOST_CHUNK = 1 << 20  # entries per pass: a small scratch buffer instead of a tensor-sized temporary
+
+
+def host_finite(x: np.ndarray) -> bool:
+    """Every entry of a host float array is finite, read from its bits (for tensors no kernel touches).
+
+    An entry is NaN or inf exactly when its exponent bits are all set, so the
+    largest `bits & exponent` over the array equals `exponent` exactly when
+    some entry is not finite. This compiles nothing, which is the point for
+    tensors copied as they are (a kernel per shape costs ~0.1 s to compile),
+    and reads ~2 GB/s on one core.
+
+    Args:
+      x: a float64/32/16 or bfloat16 NumPy array, any shape.
+
+    Returns:
+      True when no entry is NaN or inf.
+    """
+    uint, exponent = _EXPONENT_BITS[np.dtype(x.dtype).name]
+    bits = np.ascontiguousarray(x).reshape(-1).view(uint)
+    scratch = np.empty(min(bits.size, _HOST_CHUNK), uint)
+    mask = uint(exponent)
+    for start in range(0, bits.size, _HOST_CHUNK):
+        chunk = bits[start : start + _HOST_CHUNK]
+        if np.bitwise_and(chunk, mask, out=scratch[: chunk.size]).max() == mask:
+            return False
+    return True
+
+
 def raise_unless_finite(flags, sources: Sequence[tuple[object, str]]) -> None:
     """Stop the merge at the first input whose flag is false: one line naming its file and tensor.
 

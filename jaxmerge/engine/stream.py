@@ -40,7 +40,7 @@ from jaxmerge import __version__
 from jaxmerge.core.selection import flat_rows_shape
 from jaxmerge.engine._ahead import AheadCompiler
 from jaxmerge.engine._atomic import atomic_directory, lies_inside, stop_if_terminated
-from jaxmerge.engine._finite import finite_flags as _finite, raise_unless_finite
+from jaxmerge.engine._finite import finite_flags as _finite, host_finite, raise_unless_finite
 from jaxmerge.engine._pipeline import PhaseProfile, run_ordered
 from jaxmerge.formats.safetensors_io import (
     ALIGN,
@@ -434,7 +434,9 @@ def merge_checkpoints(
     writers: dict[int, ShardWriter] = {}
     arenas = _Arenas(max(1, plan.depth), max((_arena_bytes(e, checkpoints) for e in plan.layout), default=0))
     views = _merge_views(plan, mesh)
-    signatures = {info.name: _kernel_signature(entries[info.name], info, checkpoints, plan, views.get(info.name))
+    copies = {info.name for _, _, info in items if _is_copy(entries[info.name], info, checkpoints, plan)}
+    signatures = {info.name: None if info.name in copies else
+                  _kernel_signature(entries[info.name], info, checkpoints, plan, views.get(info.name))
                   for _, _, info in items}
     ahead = _ahead_compiler(items, signatures, entries, views, checkpoints, plan, key, mesh, allow_nonfinite)
 
@@ -460,7 +462,8 @@ def merge_checkpoints(
             with profile.phase("read"):
                 arena = arenas.take()
                 info = item[2]
-                return arena, _read_sources(entries[info.name], info, checkpoints, arena, views.get(info.name))
+                return arena, _read_sources(entries[info.name], info, checkpoints, arena, views.get(info.name),
+                                            copy=info.name in copies)
 
         def dispatch(item, read_result):
             arena, leaves = read_result
@@ -615,6 +618,18 @@ def _kernel_signature(entry: OutputTensor, info: TensorInfo, checkpoints, plan: 
     return _input_specs(entry, checkpoints, view), plan.dtype, entry.has_base, spec.name, repr(sorted(bound.items()))
 
 
+def _is_copy(entry: OutputTensor, info: TensorInfo, checkpoints, plan: MergePlan) -> bool:
+    """This floating tensor is written as its one input's bytes: the method returns that input unchanged
+    (`Method.returns_input`: passthrough without a scale) and nothing casts it. No kernel compiles or runs
+    for it; its finite check reads the host bytes (`_finite.host_finite`)."""
+    if info.dtype not in FLOAT_DTYPES or len(entry.sources) != 1:
+        return False
+    spec, bound = plan.bound[info.name]
+    index, name = entry.sources[0]
+    dtype = checkpoints[index].tensors[name].dtype
+    return spec.returns_input(bound) and dtype == info.dtype and plan.dtype in (None, dtype)
+
+
 def _input_specs(entry: OutputTensor, checkpoints, view: tuple[int, ...] | None) -> tuple:
     """(shape, safetensors dtype code) of each input of the merge, as `_read_sources` hands them to it."""
     return tuple((view or entry.shape or checkpoints[i].tensors[name].shape, checkpoints[i].tensors[name].dtype)
@@ -622,8 +637,9 @@ def _input_specs(entry: OutputTensor, checkpoints, view: tuple[int, ...] | None)
 
 
 def _read_sources(entry: OutputTensor, info: TensorInfo, checkpoints, arena: np.ndarray | None = None,
-                  view: tuple[int, ...] | None = None) -> tuple[str, Any]:
-    """Read one output tensor's inputs (the reader thread): ("int", array) or ("float", JAX arrays).
+                  view: tuple[int, ...] | None = None, copy: bool = False) -> tuple[str, Any]:
+    """Read one output tensor's inputs (the reader thread): ("int", array), ("copy", array) for a tensor
+    written as it is read (`_is_copy`), or ("float", JAX arrays).
 
     With `arena` (ALIGN-aligned uint8, `_arena_bytes(entry)` long) the inputs are read into it,
     one after the other; the results are views of it. With `view` the float inputs are
@@ -643,6 +659,8 @@ def _read_sources(entry: OutputTensor, info: TensorInfo, checkpoints, arena: np.
         return "int", leaves[0]
     if entry.prepare is not None:
         leaves = [np.asarray(x) for x in entry.prepare(leaves)]
+    if copy:
+        return "copy", leaves[0]
     if view is not None:
         leaves = [x.reshape(view) for x in leaves]
     # The aligned host buffers become JAX arrays without a copy (no NumPy or JAX copy on the way).
@@ -656,6 +674,8 @@ def _dispatch_merge(entry: OutputTensor, info: TensorInfo, read: tuple[str, Any]
     if kind == "int":
         return kind, leaves
     sources = [(checkpoints[i], name) for i, name in entry.sources]
+    if kind == "copy":
+        return kind, (leaves, allow_nonfinite or host_finite(leaves), sources)
     if plan.dtype is not None:
         target = jnp.dtype(DTYPES[plan.dtype])
         leaves = [x if x.dtype == target else x.astype(target) for x in leaves]
@@ -675,6 +695,10 @@ def _result(pending) -> np.ndarray:
     kind, value = pending
     if kind == "int":
         return value
+    if kind == "copy":
+        array, finite, sources = value
+        raise_unless_finite([finite], [(ckpt.path, f"tensor {name}") for ckpt, name in sources])
+        return array
     merged, flags, sources = value
     if flags is not None:
         raise_unless_finite(flags, [(ckpt.path, f"tensor {name}") for ckpt, name in sources])

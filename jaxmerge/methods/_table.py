@@ -165,6 +165,10 @@ class Method:
         merge every tensor of one size through one compiled kernel
         (`merges_entrywise`). None: shape matters (SVDs, per-row statistics,
         float sums whose order follows the shape).
+      identity: optional `identity(bound_params) -> bool`, true when with these
+        parameters the merge returns its one input unchanged (passthrough without a
+        scale). The checkpoint merge then writes the input's bytes as they are,
+        without compiling or running a kernel (`returns_input`).
     """
 
     name: str
@@ -179,10 +183,15 @@ class Method:
     check: Callable[[dict, int], None] | None = field(default=None, compare=False)
     task_vectors: bool = False
     entrywise: Callable[[Mapping[str, Any]], bool] | None = field(default=None, compare=False)
+    identity: Callable[[Mapping[str, Any]], bool] | None = field(default=None, compare=False)
 
     def merges_entrywise(self, bound: Mapping[str, Any]) -> bool:
         """The merge with these bound parameters may be given any reshape of the tensors (see `entrywise`)."""
         return self.entrywise is not None and bool(self.entrywise(bound))
+
+    def returns_input(self, bound: Mapping[str, Any]) -> bool:
+        """The merge with these bound parameters is its one input, unchanged (see `identity`)."""
+        return self.identity is not None and bool(self.identity(bound))
 
     def param(self, name: str) -> Param:
         for p in self.params:

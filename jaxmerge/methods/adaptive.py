@@ -408,5 +408,6 @@ METHODS = (
         max_models=1,
         paper=MERGEKIT_PAPER,
         summary="the one model's tensor, optionally scaled",
+        identity=lambda bound: bound["scale"][0] is None,
     ),
 )
