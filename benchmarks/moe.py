@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -105,6 +106,7 @@ def bench(root: Path, size: str, experts: int, gate_mode: str, rounds: int) -> d
         for name in order:
             out = root / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # the removal's disk work (ext4 discards here) is done before the clock starts, for both
             runs[name].append(run_child(tools[name](out), env))
             print(f"round {r + 1} {name}: {runs[name][-1][0]:.1f} s, {runs[name][-1][1]:.2f} GB", flush=True)
     med = {name: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for name, v in runs.items()}

@@ -418,7 +418,8 @@ def merge_checkpoints(
         plan.depth = depth
     plan.extra_record = dict(record or {})
     metadata = {"format": "pt", "jaxmerge_version": __version__, "jaxmerge_recipe": json.dumps(plan.recipe())}
-    key = jax.random.key(seed)
+    # Only random methods read the key (creating one compiles two small programs, ~0.2 s here).
+    key = jax.random.key(seed) if any(spec.random for spec, _ in plan.bound.values()) else None
     names = shard_names(len(plan.shards))
     from tqdm.auto import tqdm
 

@@ -111,13 +111,16 @@ def plan_moe(config: MoeConfig | str | os.PathLike, *, seed: int = 0, allow_all_
         opened = [open_checkpoint(s) for s in sources]
         _check_experts(opened, base_index, sorted(set(expert_index + shared_index)), layers)
         out_dtype = config.dtype or _config_dtype(base_config)
-        key = jax.random.key(seed)
+        # Only random gates and noise_scale draw from the key (creating one compiles small programs).
+        random = config.gate_mode in ("random", "uniform_random") or any(e.noise_scale for e in (*config.experts, *config.shared_experts))
+        key = jax.random.key(seed) if random else None
         gate_dtype = _gate_dtype(out_dtype, opened[base_index])
         base = opened[base_index]
 
         def gates():
             return gate_vectors(config.gate_mode, config.gated, base_dir=base_dir, base=base, layers=layers,
-                                hidden=hidden, key=path_key(key, "router"), where=where, tokens=tokens)
+                                hidden=hidden, key=path_key(key, "router") if key is not None else None, where=where,
+                                tokens=tokens)
 
         if tokens is None:  # computed now: their notes are shown before the build
             gate_rows = gates()

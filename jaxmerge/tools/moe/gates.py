@@ -42,7 +42,8 @@ DEGENERATE_CONDITION = 5.0  # mergekit's threshold on each layer's gate matrix c
 
 
 def gate_vectors(mode: str, experts: tuple[Expert, ...], *, base_dir: Path | None, base: TensorSource,
-                 layers: int, hidden: int, key: jax.Array, where: str, tokens: PromptTokens | None = None) -> np.ndarray:
+                 layers: int, hidden: int, key: jax.Array | None, where: str,
+                 tokens: PromptTokens | None = None) -> np.ndarray:
     """The routers' rows for `experts`, (layers, experts, hidden).
 
     Args:
