@@ -23,7 +23,8 @@ nnx = pytest.importorskip("flax.nnx")
 
 from jaxmerge import merge_params  # noqa: E402
 from jaxmerge.engine import orbax as jo  # noqa: E402
-from jaxmerge.engine.orbax import OrbaxCheckpoint, is_orbax_checkpoint, merge_orbax  # noqa: E402
+from jaxmerge.engine.orbax import merge_orbax  # noqa: E402
+from jaxmerge.formats.orbax import OrbaxCheckpoint, is_orbax_checkpoint  # noqa: E402
 from jaxmerge.formats.safetensors_io import CheckpointError  # noqa: E402
 from jaxmerge.methods._table import MethodError  # noqa: E402
 
@@ -172,7 +173,8 @@ def test_sharded_merge_restores_onto_the_mesh_and_saves_sharded(models, tmp_path
         import sys
         import jax, numpy as np, orbax.checkpoint as ocp
         from jaxmerge.core.sharding import leaf_sharding, make_mesh
-        from jaxmerge.engine.orbax import OrbaxCheckpoint, merge_orbax
+        from jaxmerge.engine.orbax import merge_orbax
+        from jaxmerge.formats.orbax import OrbaxCheckpoint
 
         base, out1, out4, *inputs = sys.argv[1:]
         assert len(jax.devices()) == 4

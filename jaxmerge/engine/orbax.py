@@ -52,166 +52,13 @@ import numpy as np
 from jaxmerge.core.sharding import leaf_sharding
 from jaxmerge.engine._atomic import atomic_directory, lies_inside, stop_if_terminated
 from jaxmerge.engine._finite import finite_flags, raise_unless_finite
+from jaxmerge.formats.orbax import LeafInfo, OrbaxCheckpoint, check_orbax_dir, import_orbax
 from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
 from jaxmerge.methods._table import MethodError
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
 
-METADATA_FILE = "_METADATA"  # Orbax's PyTree metadata file: present in every PyTree checkpoint
 GROUP_FLOOR_BYTES = 32 << 20  # leaves smaller than this are restored together (fewer Orbax calls)
-
-
-def _ocp():
-    """orbax.checkpoint, or one line saying how to install it."""
-    try:
-        import orbax.checkpoint as ocp
-    except ImportError:
-        raise CheckpointError("Orbax checkpoints need orbax-checkpoint: pip install 'jaxmerge[orbax]'") from None
-    return ocp
-
-
-def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
-    """True when `path` is an Orbax PyTree checkpoint: a directory holding `_METADATA`.
-
-    Cheap (no Orbax import): the command line uses it to pick `merge_orbax`.
-    A `CheckpointManager` step directory (`ckpt/100/`) holds the checkpoint in
-    an item subdirectory (`ckpt/100/default/`); name that subdirectory.
-    """
-    p = Path(path)
-    return p.is_dir() and (p / METADATA_FILE).is_file()
-
-
-def _is_safetensors(p: Path) -> bool:
-    if p.is_file():
-        return p.name.endswith((".safetensors", ".safetensors.index.json"))
-    return p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")))
-
-
-def _check_orbax_dir(p: Path) -> None:
-    """Raise CheckpointError unless `p` is an Orbax checkpoint (one line naming it and why)."""
-    if is_orbax_checkpoint(p):
-        return
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such directory")
-    if _is_safetensors(p):
-        raise CheckpointError(
-            f"{p}: a safetensors checkpoint; Orbax and safetensors inputs cannot be mixed "
-            "(merge Orbax checkpoints with Orbax ones, safetensors with safetensors)"
-        )
-    items = sorted(d.name for d in p.iterdir() if is_orbax_checkpoint(d)) if p.is_dir() else []
-    if items:
-        raise CheckpointError(
-            f"{p}: not an Orbax checkpoint itself; it holds the item(s) {items}: name one, e.g. {p / items[0]}"
-        )
-    raise CheckpointError(f"{p}: not an Orbax checkpoint (no {METADATA_FILE} file)")
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LeafInfo:
-    """One leaf of an Orbax checkpoint.
-
-    Args:
-      path: `jax.tree_util.keystr` of the leaf in the restored tree.
-      shape, dtype: the logical shape and dtype (a typed PRNG key reads as its key data's).
-      array: the leaf is an array (else a scalar or a string: read whole, merged if floating).
-    """
-
-    path: str
-    shape: tuple[int, ...]
-    dtype: np.dtype | None
-    array: bool
-
-    @property
-    def nbytes(self) -> int:
-        if not self.array or self.dtype is None:
-            return 0
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-    @property
-    def floating(self) -> bool:
-        return self.dtype is not None and jnp.issubdtype(self.dtype, jnp.floating)
-
-
-def _checkpointer():
-    ocp = _ocp()
-
-    return ocp.PyTreeCheckpointer()
-
-
-class OrbaxCheckpoint:
-    """An Orbax checkpoint opened read-only: leaf specs now, arrays on demand (partial restore)."""
-
-    def __init__(self, path: str | os.PathLike):
-        ocp = _ocp()
-
-        self.path = Path(path)
-        _check_orbax_dir(self.path)
-        try:
-            tree = _checkpointer().metadata(self.path).item_metadata.tree
-        except Exception as err:  # noqa: BLE001 - Orbax raises many kinds for a damaged checkpoint
-            raise CheckpointError(f"{self.path}: unreadable Orbax metadata ({type(err).__name__}: {err})") from None
-        flat, self._treedef = jax.tree_util.tree_flatten_with_path(tree)
-        self.leaves: dict[str, LeafInfo] = {}
-        self._index: dict[str, int] = {}
-        for i, (keys, meta) in enumerate(flat):
-            name = jax.tree_util.keystr(keys)
-            # ScalarMetadata subclasses ArrayMetadata: scalars are read whole, as Orbax saved them.
-            is_array = isinstance(meta, ocp.metadata.ArrayMetadata)
-            is_array = is_array and not isinstance(meta, ocp.metadata.ScalarMetadata)
-            dtype = getattr(meta, "dtype", None)
-            self.leaves[name] = LeafInfo(
-                name, tuple(getattr(meta, "shape", ()) or ()), None if dtype is None else np.dtype(dtype), is_array
-            )
-            self._index[name] = i
-
-    def read(self, names: Sequence[str], shardings: Sequence[Any] | None = None) -> list[Any]:
-        """Restore only the leaves `names` (every other leaf is an Orbax placeholder).
-
-        Args:
-          names: leaf paths.
-          shardings: one `jax.sharding.Sharding` per name for array leaves (None:
-            the default device).
-
-        Returns:
-          The leaves, in the order of `names`: `jax.Array`s for arrays, Python or
-          NumPy values for scalars and strings.
-        """
-        ocp = _ocp()
-
-        position = {self._index[n]: j for j, n in enumerate(names)}
-        items, args = [], []
-        for i in range(self._treedef.num_leaves):
-            j = position.get(i)
-            if j is None:
-                items.append(ocp.PLACEHOLDER)
-                args.append(ocp.RestoreArgs())
-                continue
-            info = self.leaves[names[j]]
-            items.append(_abstract(info))
-            sharding = (shardings[j] if shardings is not None else None) or _default_sharding()
-            if info.array:
-                args.append(ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding))
-            else:
-                args.append(ocp.RestoreArgs())  # scalars and strings: as saved
-        restored = _checkpointer().restore(
-            self.path,
-            args=ocp.args.PyTreeRestore(
-                item=self._treedef.unflatten(items), restore_args=self._treedef.unflatten(args)
-            ),
-        )
-        flat = self._treedef.flatten_up_to(restored)
-        return [flat[self._index[n]] for n in names]
-
-
-def _abstract(info: LeafInfo):
-    # The restore target of a leaf: its shape and dtype (the values come from disk).
-    return jax.ShapeDtypeStruct(info.shape, info.dtype) if info.array else 0
-
-
-def _default_sharding():
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -317,7 +164,7 @@ def plan_orbax(
     output = Path(output)
     sources = [Path(p) for p in inputs] + ([Path(base)] if base is not None else [])
     for src in sources:  # every path first: a safetensors input among Orbax ones is named as such
-        _check_orbax_dir(src)
+        check_orbax_dir(src)
     for src in sources:
         if lies_inside(output, src):
             raise CheckpointError(f"output {output} lies inside input {src}: choose another output")
@@ -402,7 +249,7 @@ def _merging_registry(budget: int):
     The `_Pending` handler merges leaves in Orbax's order and writes them in
     batches of about `budget` bytes, waiting for each batch's write.
     """
-    ocp = _ocp()
+    ocp = import_orbax()
 
     arrays = ocp.type_handlers.get_type_handler(jax.Array)
 
@@ -496,7 +343,7 @@ def merge_orbax(
       MethodError (a ValueError): a bad method, parameter or value.
       FileExistsError: `output` exists and `force` is False.
     """
-    ocp = _ocp()
+    ocp = import_orbax()
     from tqdm.auto import tqdm
 
     from jaxmerge import __version__

@@ -18,7 +18,6 @@ https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax

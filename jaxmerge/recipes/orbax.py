@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jaxmerge.engine.orbax import OrbaxPlan, is_orbax_checkpoint, merge_orbax, plan_orbax
+from jaxmerge.engine.orbax import OrbaxPlan, merge_orbax, plan_orbax
+from jaxmerge.formats.orbax import is_orbax_checkpoint
 from jaxmerge.recipes.schema import Recipe, Source, resolve_setting, uses_gradients
 from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
