@@ -510,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
             "from base_model, and the routers are initialised from the experts' prompts (gate_mode\n"
             "hidden, hidden_avg, hidden_last: the base model's hidden states, through transformers;\n"
             "cheap_embed: mean token embeddings) or at random from --seed (random, uniform_random).\n"
+            "Models are Hugging Face directories, Hub ids, or Orbax checkpoints of Flax models laid out\n"
+            "as transformers' Flax classes name them, with their config.json (and tokenizer) inside.\n"
             "Streamed tensor by tensor; the output directory appears only when complete."
         ),
         epilog=(

@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from jaxmerge.formats.orbax import is_orbax_checkpoint
 from jaxmerge.formats.safetensors_io import DTYPE_NAMES, Checkpoint, CheckpointError, TensorInfo, copy_to_host, resolve_files
 
 _CODES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
@@ -104,20 +105,29 @@ def _code(dtype: np.dtype, name: str) -> str:
 
 
 def open_checkpoint(path: str | os.PathLike | TensorSource) -> TensorSource:
-    """A source for `path`: a safetensors file, index or directory, or a PyTorch `.bin` checkpoint
-    (a file, `pytorch_model.bin.index.json`, or a directory with no safetensors); an opened source as it is."""
+    """A source for `path`: a safetensors file, index or directory, a PyTorch `.bin` checkpoint
+    (a file, `pytorch_model.bin.index.json`, or a directory with no safetensors), or an Orbax
+    checkpoint of a Flax model under its Hugging Face names (`jaxmerge.formats.flax_hf`); an opened
+    source as it is."""
     if isinstance(path, TensorSource):
         return path
     from jaxmerge.formats import torch_bin  # noqa: PLC0415 - torch is imported only for .bin checkpoints
 
     if torch_bin.is_torch_bin(Path(path)):
         return torch_bin.TorchBinCheckpoint(path)
+    if is_orbax_checkpoint(path):
+        from jaxmerge.formats.flax_hf import FlaxCheckpoint  # noqa: PLC0415 - Orbax is imported only for these
+
+        return FlaxCheckpoint(path)
     return Checkpoint(path)
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
-    """The files a checkpoint path stands for (safetensors or `.bin`, single or sharded), for records."""
+    """The files a checkpoint path stands for (safetensors or `.bin`, single or sharded; every file of an
+    Orbax checkpoint), for records."""
     from jaxmerge.formats import torch_bin  # noqa: PLC0415
 
+    if is_orbax_checkpoint(path):
+        return sorted(f for f in Path(path).rglob("*") if f.is_file())
     found = torch_bin.resolve_bin_files(path) if torch_bin.is_torch_bin(Path(path)) else resolve_files(path)
     return sorted(set(found.values())) if isinstance(found, dict) else list(found)

@@ -27,7 +27,8 @@ import yaml
 
 from jaxmerge.engine.stream import MergePlan, OutputTensor, merge_checkpoints, plan_merge
 from jaxmerge.formats.hf_model import ModelDir, copy_generation_and_tokenizer, set_config_dtype
-from jaxmerge.formats.safetensors_io import DTYPE_NAMES, DTYPES, CheckpointError
+from jaxmerge.formats.orbax import METADATA_FILE, is_orbax_checkpoint
+from jaxmerge.formats.safetensors_io import DTYPE_NAMES, DTYPES
 from jaxmerge.formats.sources import ArraySource, TensorSource, open_checkpoint
 from jaxmerge.methods.pytree import path_key
 from jaxmerge.recipes.plan import reference_source, resolve_reference
@@ -213,6 +214,9 @@ def _show(notes: list[str], warn) -> None:
 
 def _model_config(model: ModelDir, where: str) -> dict:
     config = model.config()
+    if config is None and is_orbax_checkpoint(model.path):
+        raise MoeError(f"{model.path}: no config.json beside the Orbax checkpoint's {METADATA_FILE} (the Flax "
+                       f"model's Hugging Face config names its architecture: config.save_pretrained(path); {where})")
     if config is None:
         raise MoeError(f"{model.path}: no config.json (a MoE is built from model directories: {where})")
     return config

@@ -1,0 +1,111 @@
+"""A Flax model's Orbax checkpoint, read as its Hugging Face checkpoint: same tensor names, shapes and values.
+
+transformers' Flax classes (`FlaxLlamaForCausalLM`, `FlaxMistralForCausalLM`, ...;
+transformers 4) and JAX code written after them name a model's parameters as the
+PyTorch model does, with Flax's leaf names and layouts: a Dense layer's `kernel`
+is the PyTorch `weight` transposed ((in, out) against (out, in)), a convolution's
+`kernel` has its channels last, an embedding's `embedding` and a LayerNorm's
+`scale` are `weight` as they are, and layers are numbered (`layers/0/...`).
+`FlaxCheckpoint` applies transformers' PyTorch-Flax conversion rules
+(`modeling_flax_pytorch_utils`) in reverse, leaf by leaf, so the engine reads
+such a checkpoint as it reads a safetensors model: `model.layers.0.mlp.up_proj.weight`
+of shape (intermediate, hidden).
+
+Which trees are read:
+
+* the parameters at the top of the tree, or under `params` (a `{"params": ...}`
+  variables dict, a train state: what lies outside `params` is left out);
+* Flax NNX states (`nnx.state(model)` saved with Orbax): a variable's array under
+  its `value` key;
+* layers numbered by dict keys or list items. Scanned layers (one array stacking
+  every layer on a leading axis, as MaxText saves them) have no per-layer names
+  and are not read as such.
+
+Only floating-point arrays become tensors. The directory must also hold the
+model's Hugging Face `config.json` (what `config.save_pretrained(path)` writes),
+which names the architecture; tools that need a tokenizer read its files there too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jaxmerge.formats.orbax import OrbaxCheckpoint
+from jaxmerge.formats.safetensors_io import DTYPE_NAMES, CheckpointError, TensorInfo, copy_to_host
+
+_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": DTYPE_NAMES["bfloat16"]}
+_PARAMS = "params"  # where a variables dict or a train state keeps the parameters
+_NNX_VALUE = "value"  # the array of an NNX variable in a saved state
+
+
+def torch_name_and_axes(keys: tuple[str, ...], ndim: int) -> tuple[str, tuple[int, ...] | None]:
+    """The PyTorch name of a Flax parameter, and the axes that turn its array into the PyTorch one.
+
+    transformers' rules, reversed: `kernel` -> `weight`, transposed for a Dense layer
+    ((in, out) -> (out, in)) and channels-first for a convolution ((*spatial, in, out) ->
+    (out, in, *spatial)); `embedding` and `scale` -> `weight`; any other leaf name as it is.
+
+    Args:
+      keys: the parameter's path inside the parameters (`("model", "layers", "0", "mlp", "up_proj", "kernel")`).
+      ndim: its array's number of dimensions.
+
+    Returns:
+      (dotted name, axes for `np.transpose`, or None when the array is used as it is).
+    """
+    *module, leaf = keys
+    if leaf == "kernel" and ndim >= 2:
+        axes = (1, 0) if ndim == 2 else (ndim - 1, ndim - 2, *range(ndim - 2))
+        return ".".join([*module, "weight"]), axes
+    if leaf in ("kernel", "embedding", "scale"):
+        return ".".join([*module, "weight"]), None
+    return ".".join(keys), None
+
+
+class FlaxCheckpoint:
+    """A `TensorSource` over an Orbax checkpoint of a Flax model, under its Hugging Face names.
+
+    Args:
+      path: the Orbax checkpoint directory (holding `_METADATA`).
+
+    Raises:
+      CheckpointError: one line: not an Orbax checkpoint, no floating-point parameters, two
+        parameters with one Hugging Face name.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._orbax = OrbaxCheckpoint(self.path)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._leaf: dict[str, tuple[str, tuple[int, ...] | None]] = {}  # name -> (Orbax leaf, axes)
+        under_params = any(keys[:1] == (_PARAMS,) for keys in self._orbax.key_paths.values())
+        for leaf, info in self._orbax.leaves.items():
+            keys = self._orbax.key_paths[leaf]
+            if under_params:
+                if keys[:1] != (_PARAMS,):
+                    continue  # optimizer state, step counters: not the model
+                keys = keys[1:]
+            if keys[-1:] == (_NNX_VALUE,) and len(keys) > 1:
+                keys = keys[:-1]
+            if not info.array or not info.floating or info.dtype.name not in _CODES:
+                continue
+            name, axes = torch_name_and_axes(keys, len(info.shape))
+            if name in self.tensors:
+                raise CheckpointError(f"{self.path}: leaves {self._leaf[name][0]} and {leaf} are both tensor {name}")
+            shape = tuple(info.shape[a] for a in axes) if axes else tuple(info.shape)
+            self.tensors[name] = TensorInfo(name, shape, _CODES[info.dtype.name])
+            self._leaf[name] = (leaf, axes)
+        if not self.tensors:
+            raise CheckpointError(f"{self.path}: an Orbax checkpoint without floating-point parameters")
+
+    def read_host(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """Tensor `name` as the Hugging Face checkpoint holds it (in `into` when it fits, as
+        `Checkpoint.read_host`): its leaf restored alone, transposed where the rules say."""
+        if name not in self._leaf:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
+        leaf, axes = self._leaf[name]
+        (array,) = self._orbax.read([leaf])
+        array = np.asarray(array)
+        return copy_to_host(np.transpose(array, axes) if axes else array, into)
