@@ -602,3 +602,26 @@ def test_a_copied_tensor_with_nan_stops_the_merge_unless_allowed(tmp_path):
     merge_checkpoints([tmp_path / "in.safetensors"], out, method="passthrough", progress=False, allow_nonfinite=True)
     got = Checkpoint(out).read_host("w")
     assert got.tobytes() == x.tobytes()
+
+
+def test_only_unchanged_tensors_skip_the_kernels(tmp_path, monkeypatch):
+    """Passthrough without a scale and without a cast runs no merge kernel (the bytes are written as read);
+    a scale or a dtype change still goes through `merge_leaf`."""
+    from jaxmerge.engine import stream
+
+    rng = np.random.default_rng(0)
+    tensors = {"w": rng.standard_normal((6, 4)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    save_file(tensors, str(tmp_path / "in.safetensors"))
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("merge_leaf ran")
+
+    monkeypatch.setattr(stream, "merge_leaf", no_kernel)
+    stream.merge_checkpoints([tmp_path / "in.safetensors"], tmp_path / "copy", method="passthrough", progress=False)
+    copied = Checkpoint(tmp_path / "copy")
+    assert {k: copied.read_host(k).tobytes() for k in copied.tensors} == {k: v.tobytes() for k, v in tensors.items()}
+    for name, kwargs in (("scaled", {"scale": 0.5}), ("cast", {"out_dtype": "float16"}), ("computed", {"dtype": "float16"})):
+        with pytest.raises(AssertionError, match="merge_leaf ran"):
+            stream.merge_checkpoints([tmp_path / "in.safetensors"], tmp_path / name, method="passthrough",
+                                     progress=False, **kwargs)
+        assert not (tmp_path / name).exists()

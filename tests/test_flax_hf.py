@@ -91,7 +91,7 @@ def test_rules_for_each_leaf_kind():
     assert torch_name_and_axes(("model", "layers", "0", "mlp", "up_proj", "kernel"), 2) == \
         ("model.layers.0.mlp.up_proj.weight", (1, 0))
     assert torch_name_and_axes(("conv", "kernel"), 4) == ("conv.weight", (3, 2, 0, 1))  # (kh, kw, in, out)
-    assert torch_name_and_axes(("conv1d", "kernel"), 3) == ("conv1d.weight", (2, 1, 0))
+    assert torch_name_and_axes(("conv1d", "kernel"), 3) == ("conv1d.weight", (2, 1, 0))  # transformers' .T
     assert torch_name_and_axes(("embed_tokens", "embedding"), 2) == ("embed_tokens.weight", None)
     assert torch_name_and_axes(("norm", "scale"), 1) == ("norm.weight", None)
     assert torch_name_and_axes(("norm", "weight"), 1) == ("norm.weight", None)

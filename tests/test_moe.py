@@ -315,6 +315,44 @@ def test_base_without_tokenizer_is_one_line(built, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".*out*"))
 
 
+def test_broken_tokenizer_fails_at_the_routers_with_one_line(built, tmp_path, capsys):
+    """A tokenizer that exists but cannot load is found when the routers are computed (the child fails, the
+    in-process try fails too): one line naming the base, exit 2, nothing written, no request file left."""
+    import shutil
+    import tempfile
+
+    root, configs, _, llama = built
+    base = tmp_path / "base-broken-tokenizer"
+    shutil.copytree(llama[0], base)
+    (base / "tokenizer.json").write_text("{not json")
+    config = dict(configs["mixtral_cheap"], base_model=str(base))
+    path, out = _bad(tmp_path, config)
+    before = set(Path(tempfile.gettempdir()).glob("jaxmerge-prompts-*"))
+    capsys.readouterr()
+    assert main(["moe", str(path), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{base}: no tokenizer for the experts' prompts (" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".*out*"))
+    assert set(Path(tempfile.gettempdir()).glob("jaxmerge-prompts-*")) <= before
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_similar_prompts_warn_once(built, tmp_path, capsys, dry_run):
+    """Experts whose prompts point the same way: one warning naming the layers (mergekit's
+    warn_degenerate_gates), from the lazily computed routers as from a dry run."""
+    root, configs, _, llama = built
+    config = json.loads(json.dumps(configs["mixtral_cheap"]))
+    shared = " ".join(f"w{i}" for i in range(3, 40))  # the same long prompt, one word apart
+    for i, expert in enumerate(config["experts"]):
+        expert.update(positive_prompts=[f"{shared} w{50 + i}"])
+        expert.pop("negative_prompts", None)
+    path, out = _bad(tmp_path, config)
+    capsys.readouterr()
+    assert main(["moe", str(path), str(out), "--quiet", *(["--dry-run"] if dry_run else [])]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1 and "every layer: the routers' rows are nearly dependent" in err, err
+
+
 def test_unknown_keys_warn_or_refuse_when_strict(built, tmp_path, capsys):
     root, configs, _, _ = built
     config = dict(configs["mixtral_cheap"], jaxmerge_extra=1)

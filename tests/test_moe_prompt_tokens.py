@@ -100,22 +100,56 @@ def test_a_failed_child_falls_back_to_tokenising_here(tokenizer_dir, monkeypatch
     _assert_same(PromptTokens(tokenizer_dir, PROMPTS).result(), expected)
 
 
-def test_no_tokenizer_raises_what_transformers_raises(tmp_path):
+def test_no_tokenizer_is_one_line_with_transformers_reason(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    tokens = PromptTokens(tmp_path, PROMPTS)
-    with pytest.raises(Exception) as err:  # noqa: PT011 - whatever AutoTokenizer raises, as in process
-        tokens.result()
-    with pytest.raises(type(err.value)):
+    with pytest.raises(Exception) as direct:  # noqa: PT011 - whatever AutoTokenizer raises here
         load_tokenizer(tmp_path)
+    with pytest.raises(prompt_tokens.PromptTokenError) as err:
+        PromptTokens(tmp_path, PROMPTS).result()
+    message = str(err.value)
+    assert message.startswith(f"no tokenizer for the experts' prompts ({type(direct.value).__name__}: ")
+    assert "\n" not in message
+
+
+def _request_file(tokens: PromptTokens) -> Path:
+    return Path(tokens._child.args[-1])
+
+
+def test_the_request_file_is_gone_once_answered(tokenizer_dir):
+    tokens = PromptTokens(tokenizer_dir, PROMPTS)
+    request = _request_file(tokens)
+    tokens.result()
+    assert not request.exists()
 
 
 def test_close_stops_the_child_and_removes_the_request(tokenizer_dir):
     tokens = PromptTokens(tokenizer_dir, PROMPTS)
-    child, request = tokens._child, Path(tokens._request)
-    assert request.is_file() and child.poll() is None
+    child, request = tokens._child, _request_file(tokens)
     tokens.close()
     assert child.poll() is not None and not request.exists()
     tokens.close()  # twice is harmless
+
+
+def test_a_dropped_request_stops_its_child(tokenizer_dir):
+    """A caller that never closes nor asks (a failed plan): collecting the object stops the child."""
+    import gc
+
+    tokens = PromptTokens(tokenizer_dir, PROMPTS)
+    child, request = tokens._child, _request_file(tokens)
+    del tokens
+    gc.collect()
+    assert child.poll() is not None and not request.exists()
+
+
+def test_an_interrupted_child_is_not_retried_here(tokenizer_dir, monkeypatch):
+    """Ctrl-C reaches the child too: its death by SIGINT is reported, not followed by a second, slow try."""
+    import signal
+
+    tokens = PromptTokens(tokenizer_dir, PROMPTS)
+    tokens._child.send_signal(signal.SIGINT)
+    monkeypatch.setattr(prompt_tokens, "load_tokenizer", lambda _: pytest.fail("tokenised in process"))
+    with pytest.raises(prompt_tokens.PromptTokenError, match="stopped by signal 2"):
+        tokens.result()
 
 
 def test_computed_array_source_computes_once_on_the_first_read():

@@ -53,6 +53,7 @@ from jaxmerge.core.sharding import leaf_sharding
 from jaxmerge.engine._atomic import atomic_directory, lies_inside, stop_if_terminated
 from jaxmerge.engine._finite import finite_flags, raise_unless_finite
 from jaxmerge.formats.orbax import LeafInfo, OrbaxCheckpoint, check_orbax_dir, import_orbax
+from jaxmerge.formats.orbax import is_orbax_checkpoint  # noqa: F401 - public here before the reader moved
 from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
 from jaxmerge.methods._table import MethodError

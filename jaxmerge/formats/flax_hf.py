@@ -44,9 +44,10 @@ _NNX_VALUE = "value"  # the array of an NNX variable in a saved state
 def torch_name_and_axes(keys: tuple[str, ...], ndim: int) -> tuple[str, tuple[int, ...] | None]:
     """The PyTorch name of a Flax parameter, and the axes that turn its array into the PyTorch one.
 
-    transformers' rules, reversed: `kernel` -> `weight`, transposed for a Dense layer
-    ((in, out) -> (out, in)) and channels-first for a convolution ((*spatial, in, out) ->
-    (out, in, *spatial)); `embedding` and `scale` -> `weight`; any other leaf name as it is.
+    As transformers' `load_flax_weights_in_pytorch_model`: `kernel` -> `weight`, a 4-D (convolution)
+    kernel (kh, kw, in, out) -> (out, in, kh, kw), any other kernel transposed (all axes reversed:
+    (in, out) -> (out, in) for a Dense layer); `embedding` and `scale` -> `weight`; any other leaf
+    name as it is.
 
     Args:
       keys: the parameter's path inside the parameters (`("model", "layers", "0", "mlp", "up_proj", "kernel")`).
@@ -57,11 +58,15 @@ def torch_name_and_axes(keys: tuple[str, ...], ndim: int) -> tuple[str, tuple[in
     """
     *module, leaf = keys
     if leaf == "kernel" and ndim >= 2:
-        axes = (1, 0) if ndim == 2 else (ndim - 1, ndim - 2, *range(ndim - 2))
+        axes = (3, 2, 0, 1) if ndim == 4 else tuple(reversed(range(ndim)))
         return ".".join([*module, "weight"]), axes
     if leaf in ("kernel", "embedding", "scale"):
         return ".".join([*module, "weight"]), None
     return ".".join(keys), None
+
+
+def _natural(name: str) -> tuple:
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
 
 
 class FlaxCheckpoint:
@@ -99,6 +104,8 @@ class FlaxCheckpoint:
             self._leaf[name] = (leaf, axes)
         if not self.tensors:
             raise CheckpointError(f"{self.path}: an Orbax checkpoint without floating-point parameters")
+        # Orbax lists leaves in sorted-key order (layers.10 before layers.2): numbers in their order instead.
+        self.tensors = dict(sorted(self.tensors.items(), key=lambda item: _natural(item[0])))
 
     def read_host(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """Tensor `name` as the Hugging Face checkpoint holds it (in `into` when it fits, as

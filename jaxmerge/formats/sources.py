@@ -115,11 +115,16 @@ def open_checkpoint(path: str | os.PathLike | TensorSource) -> TensorSource:
 
     if torch_bin.is_torch_bin(Path(path)):
         return torch_bin.TorchBinCheckpoint(path)
-    if is_orbax_checkpoint(path):
+    if _is_flax_orbax(path):
         from jaxmerge.formats.flax_hf import FlaxCheckpoint  # noqa: PLC0415 - Orbax is imported only for these
 
         return FlaxCheckpoint(path)
     return Checkpoint(path)
+
+
+def _is_flax_orbax(path: str | os.PathLike) -> bool:
+    """An Orbax checkpoint, and no safetensors beside it (a directory holding both is read as safetensors)."""
+    return is_orbax_checkpoint(path) and not any(Path(path).glob("*.safetensors*"))
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
@@ -127,7 +132,7 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     Orbax checkpoint), for records."""
     from jaxmerge.formats import torch_bin  # noqa: PLC0415
 
-    if is_orbax_checkpoint(path):
+    if _is_flax_orbax(path):
         return sorted(f for f in Path(path).rglob("*") if f.is_file())
     found = torch_bin.resolve_bin_files(path) if torch_bin.is_torch_bin(Path(path)) else resolve_files(path)
     return sorted(set(found.values())) if isinstance(found, dict) else list(found)

@@ -34,7 +34,7 @@ from jaxmerge.methods.pytree import path_key
 from jaxmerge.recipes.plan import reference_source, resolve_reference
 from jaxmerge.tools.moe.architectures import PROJECTIONS, MoeArchitecture, select_architecture
 from jaxmerge.tools.moe.config import Expert, MoeConfig, MoeError, check_config, load_moe_config
-from jaxmerge.tools.moe.gates import EMBEDDING, gate_vectors, start_prompt_tokens, warn_if_degenerate
+from jaxmerge.tools.moe.gates import EMBEDDING, degenerate_note, gate_vectors, start_prompt_tokens
 from jaxmerge.tools.moe.prompt_tokens import PromptTokens
 
 COMPUTED = "router weights (computed)"  # what errors name as the computed tensors' source
@@ -79,7 +79,9 @@ def plan_moe(config: MoeConfig | str | os.PathLike, *, seed: int = 0, allow_all_
       `MoePlan.close` stops their tokenizer process if that never comes.
 
     Raises:
-      MoeError / CheckpointError: one line naming the file, model, tensor and value.
+      MoeError / CheckpointError: one line naming the file, model, tensor and value. With
+        `cheap_embed`, a tokenizer that exists but fails to load or to tokenise the prompts is
+        reported when the routers are read (the build's last tensors), as a MoeError.
     """
     if not isinstance(config, MoeConfig):
         config = load_moe_config(config, strict=strict)
@@ -117,6 +119,8 @@ def plan_moe(config: MoeConfig | str | os.PathLike, *, seed: int = 0, allow_all_
         key = jax.random.key(seed) if random else None
         gate_dtype = _gate_dtype(out_dtype, opened[base_index])
         base = opened[base_index]
+        if config.gate_mode == "cheap_embed" and EMBEDDING not in base.tensors:  # known now, not after the experts
+            raise MoeError(f"{base.path}: tensor {EMBEDDING} is missing (gate_mode cheap_embed reads the embeddings)")
 
         def gates():
             return gate_vectors(config.gate_mode, config.gated, base_dir=base_dir, base=base, layers=layers,
@@ -268,12 +272,8 @@ def _check_experts(opened: list[TensorSource], base_index: int, experts: list[in
 
 
 def _degenerate_notes(gates: np.ndarray) -> list[str]:
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warn_if_degenerate(gates)
-    return [str(w.message) for w in caught]
+    note = degenerate_note(gates)
+    return [] if note is None else [note]
 
 
 def _computed_tensors(arch: MoeArchitecture, config: MoeConfig, gates: np.ndarray, base: TensorSource, layers: int,

@@ -35,7 +35,7 @@ import numpy as np
 from jaxmerge.formats.sources import TensorSource
 from jaxmerge.recipes.schema import RecipeWarning
 from jaxmerge.tools.moe.config import Expert, MoeError
-from jaxmerge.tools.moe.prompt_tokens import PromptTokens, load_tokenizer, tokenize
+from jaxmerge.tools.moe.prompt_tokens import PromptTokenError, PromptTokens, load_tokenizer, one_line, tokenize
 
 EMBEDDING = "model.embed_tokens.weight"  # mergekit reads the embeddings under this name
 DEGENERATE_CONDITION = 5.0  # mergekit's threshold on each layer's gate matrix condition number
@@ -76,8 +76,8 @@ def gate_vectors(mode: str, experts: tuple[Expert, ...], *, base_dir: Path | Non
         tokens = tokens if tokens is not None else start_prompt_tokens(experts, base_dir, where)
         try:
             batches = dict(zip(map(tuple, tokens.prompt_lists), tokens.result()))
-        except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a missing or broken tokenizer
-            raise MoeError(_no_tokenizer(base_dir, err)) from None
+        except PromptTokenError as err:
+            raise MoeError(f"{base_dir}: {err}") from None
         embed = np.asarray(base.read_host(EMBEDDING))  # the checkpoint's dtype: only the prompts' rows are widened
 
         def vector(prompts):
@@ -94,9 +94,13 @@ def start_prompt_tokens(experts: tuple[Expert, ...], base_dir: Path | None, wher
     """Start tokenising the experts' prompts (positive and negative lists) in a child process.
 
     Raises:
-      MoeError: before anything starts, when there can be no tokenizer (no transformers, no base directory).
+      MoeError: before anything starts, when there can be no tokenizer (no transformers, no base directory,
+        no tokenizer file in it).
     """
     _check_tokenizer_prerequisites(base_dir, where)
+    if not _has_tokenizer_files(base_dir):
+        raise MoeError(f"{base_dir}: no tokenizer for the experts' prompts (no tokenizer files: tokenizer.json, "
+                       "tokenizer_config.json, tokenizer.model, vocab.json, ...)")
     lists = []
     for expert in experts:
         for prompts in (expert.positive_prompts, expert.negative_prompts):
@@ -121,8 +125,11 @@ def _check_tokenizer_prerequisites(base_dir: Path | None, where: str) -> None:
         raise MoeError(f"{where}: base_model must be a model directory with a tokenizer for prompt-based gates")
 
 
-def _no_tokenizer(base_dir: Path | None, err: Exception) -> str:
-    return f"{base_dir}: no tokenizer for the experts' prompts ({type(err).__name__}: {err})".split("\n")[0]
+def _has_tokenizer_files(directory: Path) -> bool:
+    """Some file of a tokenizer is there (any name transformers' tokenizers save: `*token*`, `*vocab*`,
+    `merges.txt`, `*.model`, `*.tiktoken`): only a directory without any is refused before the build."""
+    return any(("token" in f.name or "vocab" in f.name or f.name == "merges.txt" or f.suffix in (".model", ".tiktoken"))
+               and f.is_file() for f in directory.iterdir())
 
 
 def _prompt_tokenizer(base_dir: Path | None, where: str):
@@ -131,7 +138,7 @@ def _prompt_tokenizer(base_dir: Path | None, where: str):
     try:
         return load_tokenizer(base_dir)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a missing or broken tokenizer
-        raise MoeError(_no_tokenizer(base_dir, err)) from None
+        raise MoeError(f"{base_dir}: " + one_line("no tokenizer for the experts' prompts", err)) from None
 
 
 def _hidden_vectors(mode: str, experts, base_dir: Path, tokenizer, layers: int, where: str) -> np.ndarray:
@@ -166,13 +173,22 @@ def _hidden_vectors(mode: str, experts, base_dir: Path, tokenizer, layers: int, 
     return gates.float().numpy().astype(ml_dtypes.bfloat16)
 
 
-def warn_if_degenerate(gates: np.ndarray) -> None:
-    """One warning naming the layers whose gate matrix is ill-conditioned (mergekit's `warn_degenerate_gates`):
-    their experts' prompts point the same way and some experts will rarely be chosen."""
+def degenerate_note(gates: np.ndarray) -> str | None:
+    """The note naming the layers whose gate matrix is ill-conditioned (mergekit's `warn_degenerate_gates`):
+    their experts' prompts point the same way and some experts will rarely be chosen. None: none is.
+
+    A string rather than a warning: the build shows it from whichever thread computed the routers,
+    and `warnings.catch_warnings` is not safe across threads."""
     bad = [i for i in range(gates.shape[0]) if np.linalg.cond(gates[i].astype(np.float32)) > DEGENERATE_CONDITION]
     if not bad:
-        return
+        return None
     layers = "every layer" if len(bad) == gates.shape[0] else "layer" + ("s " if len(bad) > 1 else " ") + ", ".join(map(str, bad))
-    warnings.warn(f"{layers}: the routers' rows are nearly dependent (condition number > {DEGENERATE_CONDITION:g}): "
-                  "the experts' prompts may be too similar, and some experts will be underused", RecipeWarning,
-                  stacklevel=2)
+    return (f"{layers}: the routers' rows are nearly dependent (condition number > {DEGENERATE_CONDITION:g}): "
+            "the experts' prompts may be too similar, and some experts will be underused")
+
+
+def warn_if_degenerate(gates: np.ndarray) -> None:
+    """`degenerate_note` as a RecipeWarning, if there is one."""
+    note = degenerate_note(gates)
+    if note is not None:
+        warnings.warn(note, RecipeWarning, stacklevel=2)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,31 @@ def tokenize(tokenizer, prompts, tensors: str | None = "np"):
     return batch["input_ids"], batch["attention_mask"]
 
 
+class PromptTokenError(Exception):
+    """The prompts could not be tokenised (one line: what failed and transformers' reason)."""
+
+
+def one_line(what: str, err: BaseException) -> str:
+    """`what (ErrorType: message)`, cut at the first line break."""
+    return f"{what} ({type(err).__name__}: {err})".split("\n")[0]
+
+
+def tokenize_here(directory: str | Path, prompt_lists: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`PromptTokens.result` computed in this process.
+
+    Raises:
+      PromptTokenError: no tokenizer in `directory`, or the prompts cannot be tokenised with it.
+    """
+    try:
+        tokenizer = load_tokenizer(directory)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a missing or broken tokenizer
+        raise PromptTokenError(one_line("no tokenizer for the experts' prompts", err)) from None
+    try:
+        return [tokenize(tokenizer, prompts) for prompts in prompt_lists]
+    except Exception as err:  # noqa: BLE001 - likewise for what a tokenizer refuses
+        raise PromptTokenError(one_line("cannot tokenise the experts' prompts", err)) from None
+
+
 class PromptTokens:
     """Token ids of several prompt lists, computed by a child process started by the constructor.
 
@@ -67,69 +94,78 @@ class PromptTokens:
         self.prompt_lists = [list(p) for p in prompt_lists]
         self._answer: list[tuple[np.ndarray, np.ndarray]] | None = None
         self._child = None
-        fd, self._request = tempfile.mkstemp(prefix="jaxmerge-prompts-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"directory": str(self.directory), "prompts": self.prompt_lists}, f)
+        # The request travels in a private temporary file, which the child removes once read.
+        fd, request = tempfile.mkstemp(prefix="jaxmerge-prompts-", suffix=".json")
         try:
-            self._child = subprocess.Popen([sys.executable, "-I", __file__, self._request], stdin=subprocess.DEVNULL,
+            with os.fdopen(fd, "w") as f:
+                json.dump({"directory": str(self.directory), "prompts": self.prompt_lists}, f)
+            self._child = subprocess.Popen([sys.executable, "-I", __file__, request], stdin=subprocess.DEVNULL,
                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        except OSError:  # no child for us: `result` tokenises in this process
-            self._forget_request()
+        except (OSError, ValueError, TypeError):  # no child for us: `result` tokenises in this process
+            Path(request).unlink(missing_ok=True)
+            return
+        # Dropped without `close` (a failed plan's caller): the child is stopped and the request removed.
+        self._finalizer = weakref.finalize(self, _stop, self._child, request)
 
     def result(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(input_ids, attention_mask) of each prompt list, as NumPy arrays; waits for the child.
 
         Raises:
-          As `load_tokenizer`, when the child failed and tokenising here fails too.
+          PromptTokenError: the child was interrupted (SIGINT, SIGTERM), or it failed and tokenising
+            here fails too.
         """
         if self._answer is None:
             self._answer = self._from_child()
             if self._answer is None:
-                tokenizer = load_tokenizer(self.directory)
-                self._answer = [tokenize(tokenizer, prompts) for prompts in self.prompt_lists]
+                self._answer = tokenize_here(self.directory, self.prompt_lists)
         return self._answer
 
     def close(self) -> None:
-        """Stop the child if it still runs (the build failed before it needed the ids)."""
+        """Stop the child if it still runs (the build failed before it needed the ids); remove its request."""
         if self._child is not None:
-            if self._child.poll() is None:
-                self._child.kill()
-            self._child.communicate()
+            self._finalizer()
             self._child = None
-        self._forget_request()
-
-    def _forget_request(self) -> None:
-        if self._request is not None:
-            Path(self._request).unlink(missing_ok=True)
-            self._request = None
 
     def _from_child(self):
         if self._child is None:
             return None
+        child, self._child = self._child, None
         try:
-            out, _ = self._child.communicate()
-            if self._child.returncode != 0:
-                return None
+            out, _ = child.communicate()
+        finally:
+            self._finalizer()
+        if child.returncode in (-signal.SIGINT, -signal.SIGTERM):  # interrupted with us: no second try
+            raise PromptTokenError(f"the prompts' tokenizer process was stopped by signal {-child.returncode}")
+        if child.returncode != 0:
+            return None  # any other failure: tokenised here, which gives the ids or the error it always gave
+        try:
             batches = json.loads(out)
             return [(np.asarray(ids, np.int64).reshape(len(p), -1), np.asarray(mask, np.int64).reshape(len(p), -1))
                     for (ids, mask), p in zip(batches, self.prompt_lists, strict=True)]
-        except (OSError, ValueError, TypeError):
+        except (ValueError, TypeError):
             return None
-        finally:
-            self._child = None
-            self._forget_request()
+
+
+def _stop(child: subprocess.Popen, request: str) -> None:
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+    if child.stdout is not None:
+        child.stdout.close()
+    Path(request).unlink(missing_ok=True)
 
 
 def _child_main(request_file: str) -> None:
     """Tokenise the request {"directory", "prompts"} read from `request_file`; write
     [[input_ids, attention_mask], ...] on stdout."""
     # Tokenising never touches torch, and transformers imports it whenever it is installed (about half of
-    # the import time): hidden, the import takes ~2.4 s instead of ~4.6 s on the 2-core benchmark machine.
+    # the import time): hidden, the import takes ~2 s instead of ~4.6 s on the 2-core benchmark machine.
     sys.modules["torch"] = None
     import logging
 
     logging.disable(logging.WARNING)  # transformers' note that torch is missing
     request = json.loads(Path(request_file).read_text())
+    Path(request_file).unlink(missing_ok=True)
     tokenizer = load_tokenizer(request["directory"])
     answer = [list(tokenize(tokenizer, prompts, tensors=None)) for prompts in request["prompts"]]
     json.dump(answer, sys.stdout)
