@@ -21,12 +21,13 @@ import numpy as np
 
 from jaxmerge.formats.safetensors_io import CheckpointError
 
-__all__ = ["DECOMPOSITIONS", "DEFAULT_MAX_RANK", "POWER_ITERATIONS", "LoraFactors", "ModuleReport",
+__all__ = ["CONVERGED", "DECOMPOSITIONS", "DEFAULT_MAX_RANK", "POWER_ITERATIONS", "LoraFactors", "ModuleReport",
            "choose_decomposition", "decompose", "oversampling"]
 
 DECOMPOSITIONS = ("auto", "exact", "randomized")
 DEFAULT_MAX_RANK = 128  # mergekit-extract-lora's --max-rank
-POWER_ITERATIONS = 3  # q of the randomized SVD
+POWER_ITERATIONS = 3  # q of the randomized SVD, at most
+CONVERGED = 0.01  # stop iterating once an iteration lowers the squared error by less than this share of it
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bfloat16 passes for float32 matmuls on accelerators
 
 
@@ -54,20 +55,44 @@ def _matmul(a, b):
     return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def _randomized_svd(x: jax.Array, key: jax.Array, rank: int, oversample: int, power_iterations: int):
-    """Halko, Martinsson & Tropp (2011) Alg. 4.4 (randomized subspace iteration) + Alg. 5.1 (direct SVD).
+def _captured_energy(zt: jax.Array, rank: int) -> jax.Array:
+    """The sum of the top `rank` squared singular values of zt (the eigenvalues of its small Gram matrix)."""
+    return jnp.sum(jnp.linalg.eigvalsh(_matmul(zt.T, zt))[-rank:])
 
-    Returns (U (m, rank), S (rank,), Vh (rank, n)).
+
+def _randomized_svd(x: jax.Array, key: jax.Array, rank: int, oversample: int, power_iterations: int):
+    """Halko, Martinsson & Tropp (2011) Alg. 4.4 (randomized subspace iteration) + Alg. 5.1 (direct SVD),
+    with at most `power_iterations` iterations: it stops after an iteration that lowered the squared
+    error of the rank-`rank` approximation by less than `CONVERGED` of what remains (the sketch has
+    converged; the next iteration would change little). Each iteration's x^T Q is both the next
+    iteration's first product and the projected matrix the error is read from, so the check costs
+    only a (width x width) eigensolve.
+
+    Returns (U (m, rank), S (rank,), Vh (rank, n), the number of iterations run).
     """
     m, n = x.shape
     width = min(rank + oversample, m, n)
     omega = jax.random.normal(key, (n, width), x.dtype)
+    total = jnp.sum(x * x)
     q, _ = jnp.linalg.qr(_matmul(x, omega))
-    for _ in range(power_iterations):
-        z, _ = jnp.linalg.qr(_matmul(x.T, q))
+    zt = _matmul(x.T, q)  # (Q^T x)^T
+    state = (0, q, zt, _captured_energy(zt, rank), jnp.asarray(jnp.inf, x.dtype))
+
+    def more(state):
+        done, _, _, captured, gain = state
+        return (done < power_iterations) & (gain > CONVERGED * (total - captured))
+
+    def iterate(state):
+        done, _, zt, captured, _ = state
+        z, _ = jnp.linalg.qr(zt)
         q, _ = jnp.linalg.qr(_matmul(x, z))
-    u_small, s, vh = jnp.linalg.svd(_matmul(q.T, x), full_matrices=False)
-    return _matmul(q, u_small)[:, :rank], s[:rank], vh[:rank]
+        zt = _matmul(x.T, q)
+        now = _captured_energy(zt, rank)
+        return done + 1, q, zt, now, now - captured
+
+    done, q, zt, _, _ = jax.lax.while_loop(more, iterate, state)
+    u_small, s, vh = jnp.linalg.svd(zt.T, full_matrices=False)
+    return _matmul(q, u_small)[:, :rank], s[:rank], vh[:rank], done
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
@@ -79,7 +104,7 @@ def _svd(x, key, rank, method, oversample, power_iterations):
     if method == "exact":
         u, s, vh = jnp.linalg.svd(x, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
-    return _randomized_svd(x, key, rank, oversample, power_iterations)
+    return _randomized_svd(x, key, rank, oversample, power_iterations)[:3]
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "method", "distribute_scale", "transpose", "oversample",
