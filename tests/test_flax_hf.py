@@ -147,3 +147,17 @@ def test_orbax_model_without_config_is_one_line(models, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{bare}: no config.json beside the Orbax checkpoint's _METADATA" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_extract_lora_from_orbax_flax_models_equals_from_safetensors(models, tmp_path):
+    """extract-lora reads the same tensors through the same source: a Flax fine-tune saved with Orbax gives
+    the adapter its safetensors twin gives, tensor for tensor."""
+    _, hf, orbax = models
+    for kind, (base, ft) in (("safetensors", hf[:2]), ("orbax", orbax["nnx"][:2])):
+        assert main(["extract-lora", "--model", str(ft), "--base", str(base), "--output", str(tmp_path / kind),
+                     "--max-rank", "4", "--quiet"]) == 0
+    ours, theirs = Checkpoint(tmp_path / "orbax"), Checkpoint(tmp_path / "safetensors")
+    assert list(ours.tensors) == list(theirs.tensors)
+    assert all(ours.read_host(n).tobytes() == theirs.read_host(n).tobytes() for n in theirs.tensors)
+    config = json.loads((tmp_path / "orbax" / "adapter_config.json").read_text())
+    assert config["target_modules"] == json.loads((tmp_path / "safetensors" / "adapter_config.json").read_text())["target_modules"]
