@@ -1,6 +1,7 @@
 """Mixtures of experts: `jaxmerge moe` against mergekit 0.1.5's `mergekit-moe` on the same configuration.
 
-    python -m benchmarks.moe [--size llama] [--experts 4] [--rounds 2] [--gate-mode cheap_embed]
+    python -m benchmarks.moe [--size llama|tinyllama|small|tiny] [--experts 4] [--rounds 2] [--gate-mode cheap_embed]
+                             [--name moe]
 
 Builds offline (transformers, no downloads) a Llama-shaped base and `--experts`
 fine-tunes (base + N(0, 0.01) noise) in bfloat16, as LLMs ship, with a word-level
@@ -12,7 +13,7 @@ turns round by round, each in a child process whose peak RSS is its own
 rounds, and whether the two outputs load as the same model (every tensor after
 transformers' loading, max |difference| of the routers).
 
-Results go to benchmarks/results/moe.json and moe.md, and stdout.
+Results go to benchmarks/results/moe.json and moe.md (`--name` for others), and stdout.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from pathlib import Path
 from benchmarks.vs_mergekit import REPO, cache_env, machine_line, run_child
 
 # (hidden, intermediate, layers, vocab): "llama" is the issue's size (hidden 1024, bf16).
-SIZES = {"tiny": (64, 128, 2, 512), "small": (256, 688, 4, 8000), "llama": (1024, 2816, 8, 32000)}
+SIZES = {"tiny": (64, 128, 2, 512), "small": (256, 688, 4, 8000), "llama": (1024, 2816, 8, 32000),
+         "tinyllama": (2048, 5632, 22, 32000)}  # TinyLlama-1.1B's shape: 2.2 GB an expert
 
 
 def _build(root: Path, size: str, experts: int) -> None:
@@ -77,16 +79,17 @@ def build(root: Path, size: str, experts: int, gate_mode: str) -> Path:
 
 
 def _agreement(ours: Path, theirs: Path) -> dict:
-    """Load both outputs with transformers: do all tensors agree (routers to rounding)?"""
+    """Load both outputs with transformers: do all tensors agree (routers to rounding)? In bfloat16, the
+    outputs' dtype: two float32 copies of a TinyLlama-sized MoE would not fit in this machine's memory."""
     code = f"""
 import json, torch
 from transformers import AutoModelForCausalLM
-a = AutoModelForCausalLM.from_pretrained({str(ours)!r}, dtype=torch.float32).state_dict()
-b = AutoModelForCausalLM.from_pretrained({str(theirs)!r}, dtype=torch.float32).state_dict()
+a = AutoModelForCausalLM.from_pretrained({str(ours)!r}, dtype=torch.bfloat16).state_dict()
+b = AutoModelForCausalLM.from_pretrained({str(theirs)!r}, dtype=torch.bfloat16).state_dict()
 gate = [k for k in a if k.endswith("mlp.gate.weight")]
 print(json.dumps({{"same_tensors": set(a) == set(b),
                   "experts_and_rest_equal": all(torch.equal(a[k], b[k]) for k in a if k not in gate),
-                  "router_max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in gate)}}))
+                  "router_max_abs_diff": max(float((a[k].float() - b[k].float()).abs().max()) for k in gate)}}))
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -146,6 +149,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("/tmp/jaxmerge-bench-moe"))
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--name", default="moe", help="result files NAME.json and NAME.md (default moe)")
     args = parser.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
     result = bench(args.root, args.size, args.experts, args.gate_mode, args.rounds)
@@ -153,9 +157,9 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.moe " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {"machine": machine_line(), "date": date, "command": command.strip(), "results": [result]}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "moe.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.results / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     table = markdown([result], record["machine"], date, record["command"])
-    (args.results / "moe.md").write_text(table)
+    (args.results / f"{args.name}.md").write_text(table)
     print(table)
     return 0
 
