@@ -6,9 +6,10 @@ tokenising never uses), several times what building a small mixture costs. So
 `PromptTokens` starts a child Python process at once; it imports transformers
 with torch hidden (about half the import) and tokenises while the parent copies
 the experts, and the parent reads the ids when it writes the routers. Should the
-child fail for any reason (torch needed after all, transformers reachable only
-through the parent's `sys.path`, a broken tokenizer), the parent tokenises in
-process, which either gives the same ids or raises the error it always raised.
+child fail (torch needed after all, transformers reachable only through the
+parent's `sys.path`, a broken tokenizer), the parent tokenises in process, which
+gives the same ids or one line saying what failed (`PromptTokenError`); a child
+stopped by SIGINT or SIGTERM (which reached it with the parent) is not retried.
 
 This file runs as that child (`python -I prompt_tokens.py`: isolated, so neither
 the working directory nor this folder shadows a module): it imports nothing of
