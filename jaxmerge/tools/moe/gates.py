@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from jaxmerge.formats.sources import TensorSource
-from jaxmerge.recipes.schema import RecipeWarning
 from jaxmerge.tools.moe.config import Expert, MoeError
 from jaxmerge.tools.moe.prompt_tokens import PromptTokenError, PromptTokens, load_tokenizer, one_line, tokenize
 
@@ -185,10 +183,3 @@ def degenerate_note(gates: np.ndarray) -> str | None:
     layers = "every layer" if len(bad) == gates.shape[0] else "layer" + ("s " if len(bad) > 1 else " ") + ", ".join(map(str, bad))
     return (f"{layers}: the routers' rows are nearly dependent (condition number > {DEGENERATE_CONDITION:g}): "
             "the experts' prompts may be too similar, and some experts will be underused")
-
-
-def warn_if_degenerate(gates: np.ndarray) -> None:
-    """`degenerate_note` as a RecipeWarning, if there is one."""
-    note = degenerate_note(gates)
-    if note is not None:
-        warnings.warn(note, RecipeWarning, stacklevel=2)
