@@ -36,7 +36,6 @@ import numpy as np
 from jaxmerge.formats.orbax import OrbaxCheckpoint
 from jaxmerge.formats.safetensors_io import DTYPE_NAMES, CheckpointError, TensorInfo, copy_to_host
 
-_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": DTYPE_NAMES["bfloat16"]}
 _PARAMS = "params"  # where a variables dict or a train state keeps the parameters
 _NNX_VALUE = "value"  # the array of an NNX variable in a saved state
 
@@ -94,13 +93,13 @@ class FlaxCheckpoint:
                 keys = keys[1:]
             if keys[-1:] == (_NNX_VALUE,) and len(keys) > 1:
                 keys = keys[:-1]
-            if not info.array or not info.floating or info.dtype.name not in _CODES:
+            if not info.array or not info.floating or info.dtype.name not in DTYPE_NAMES:
                 continue
             name, axes = torch_name_and_axes(keys, len(info.shape))
             if name in self.tensors:
                 raise CheckpointError(f"{self.path}: leaves {self._leaf[name][0]} and {leaf} are both tensor {name}")
             shape = tuple(info.shape[a] for a in axes) if axes else tuple(info.shape)
-            self.tensors[name] = TensorInfo(name, shape, _CODES[info.dtype.name])
+            self.tensors[name] = TensorInfo(name, shape, DTYPE_NAMES[info.dtype.name])
             self._leaf[name] = (leaf, axes)
         if not self.tensors:
             raise CheckpointError(f"{self.path}: an Orbax checkpoint without floating-point parameters")

@@ -47,7 +47,8 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / METADATA_FILE).is_file()
 
 
-def _is_safetensors(p: Path) -> bool:
+def is_safetensors(p: Path) -> bool:
+    """A safetensors file or index, or a directory holding either."""
     if p.is_file():
         return p.name.endswith((".safetensors", ".safetensors.index.json"))
     return p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")))
@@ -59,7 +60,7 @@ def check_orbax_dir(p: Path) -> None:
         return
     if not p.exists():
         raise CheckpointError(f"{p}: no such directory")
-    if _is_safetensors(p):
+    if is_safetensors(p):
         raise CheckpointError(
             f"{p}: a safetensors checkpoint; Orbax and safetensors inputs cannot be mixed "
             "(merge Orbax checkpoints with Orbax ones, safetensors with safetensors)"

@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from jaxmerge.formats.orbax import is_orbax_checkpoint
+from jaxmerge.formats.orbax import is_orbax_checkpoint, is_safetensors
 from jaxmerge.formats.safetensors_io import DTYPE_NAMES, Checkpoint, CheckpointError, TensorInfo, copy_to_host, resolve_files
 
 _CODES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
@@ -124,7 +124,7 @@ def open_checkpoint(path: str | os.PathLike | TensorSource) -> TensorSource:
 
 def _is_flax_orbax(path: str | os.PathLike) -> bool:
     """An Orbax checkpoint, and no safetensors beside it (a directory holding both is read as safetensors)."""
-    return is_orbax_checkpoint(path) and not any(Path(path).glob("*.safetensors*"))
+    return is_orbax_checkpoint(path) and not is_safetensors(Path(path))
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
