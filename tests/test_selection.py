@@ -51,6 +51,10 @@ def test_exact_count_and_largest_magnitudes(shape, density):
         ([np.nan, 1, np.inf, -5, 0], 2),  # NaN ranks first, then inf (as torch.topk)
         ([1e-45, 2.8e-45, 1e-40, 0, 0], 2),  # subnormals (XLA:CPU flushes them in float ops)
         ([1e-45, 1e-45, 1e-40, 0, 0], 2),  # tied subnormals
+        # The k-th largest is subnormal and the largest below a normal bracket end: its float max is flushed.
+        ([1, 1, 1, 1e-45, 1e-45], 4),
+        ([1, 1, 1, 3e-45, 2e-45], 4),
+        ([5.0] * 10 + [1e-40] * 3, 11),
         ([-3.0e38, 3.0e38, 1.0, -np.inf], 2),  # extremes
     ],
 )

@@ -352,7 +352,9 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
         def fast(tb):
             # Entries >= hi become 0 (neutral: T >= 0); inf is clamped first so that inf * 0 is not NaN.
             below = jnp.minimum(_magnitudes(rows, layout), big) * (1 - _at_least_indicator(rows, tb, layout))
-            return lax.bitcast_convert_type(below.max(), uint)
+            found = lax.bitcast_convert_type(below.max(), uint)
+            # T >= lo: a smaller maximum means XLA:CPU flushed a subnormal T to zero.
+            return lax.cond(found >= lo, lambda: found, lambda: slow(tb))
 
         def slow(tb):
             bits = _magnitude_bits(rows, layout)
