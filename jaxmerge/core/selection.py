@@ -11,7 +11,10 @@ search over the float bit patterns instead:
   largest integer T with count(bits >= T) >= k".
 * Each search step is one counting pass. A sorted sample of 16K entries gives a
   tight first bracket, and interpolation steps (bisection whenever a step fails
-  to halve the bracket) close it in a handful of passes on real weights.
+  to halve the bracket) close it in a handful of passes on real weights. On
+  discrete data (bfloat16 deltas, quantized weights), where most entries sit on
+  a few values, the steps go to the sample's values and just past them
+  (`_discrete_next_probe`): 2-5 passes where interpolation alone took up to 17.
 * The count itself uses an exact float identity that XLA vectorises well:
   for adjacent floats tp < t, `clip(a, tp, t) - tp` is exactly the gap
   t - tp (a power of two) where a >= t and exactly 0 elsewhere, so a row sum
@@ -42,7 +45,9 @@ from jaxmerge.core._dtypes import compute_dtype, count_dtype, max_count, uint_li
 from jaxmerge.core._kernels import kernel
 
 _SAMPLE_SIZE = 16384
-_DEBUG_ITERATIONS = False  # print every probe of the search (jax.debug.print)
+# Called on the host with (probe, count - k, bracket width) at every probe of the search when set at
+# trace time (tests count probes with it; `print` shows them).
+_PROBE_HOOK = None
 _MIN_DENSITY = 1e-30
 # Rows keep float32 row sums of 0/1 exact (< 2**24) and XLA:CPU's reductions fast.
 _MAX_ROW = 16384  # longer rows fall off XLA:CPU's fast reduction path (measured: 13x slower at 65536)
@@ -268,6 +273,51 @@ def _snap_to_sample(t, lo, hi, sample_bits):
     return jnp.where(up_ok & (up_nearer | ~past_ok), up, jnp.where(past_ok, past, t))
 
 
+def _discrete_next_probe(t, c, k, moved_lo, lo, hi, secant_t, sample_bits, n: int):
+    """The next probe on discrete data (bfloat16 deltas, quantized weights), read from the sample.
+
+    There count(t) is a staircase: most entries sit on a few values and T is
+    usually one of them, tied many times. Secant steps in bit patterns cross
+    such a step slowly, while the sorted sample holds every frequent value:
+
+    * Past a spike: after a probe at a sample value t whose ties, as the sample
+      estimates them, could hold all of count - k, probe t + 1. A count below k
+      there closes the bracket (T = t).
+    * Onto a spike: after a probe t with count < k, probe the sample value v
+      below t if the entries the sample puts in [v, t) could make up k - count.
+    * Otherwise, while count is two or more sample steps (n / sample size
+      entries) from k, step along the sorted sample by the entries still to pass.
+
+    Else the secant's probe stands. The search stays exact whatever is probed
+    (proposals lie inside the bracket); only the number of probes changes:
+    15 tensors of a TinyLlama-shaped bfloat16 model, 3 tasks, density 0.2:
+    132 probes before, 49 with these steps (the search 1.33 s -> 0.56 s).
+
+    Args:
+      t, c: the probe just made and its count; moved_lo: c >= k.
+      k: the count sought; lo, hi: the bracket after the probe.
+      secant_t: the secant's next probe.
+      sample_bits: the sorted sample's bit patterns; n: the tensor's size.
+
+    Returns:
+      The next probe.
+    """
+    s = sample_bits.size
+    per_sample = np.float32(n / s)  # entries of the tensor that one sample entry stands for
+    first = jnp.searchsorted(sample_bits, t, side="left")
+    last = jnp.searchsorted(sample_bits, t, side="right")
+    # The factors of 2 allow for the sample's error in estimating counts.
+    ties = (last - first).astype(jnp.float32) * per_sample
+    past_spike = moved_lo & (last > first) & (2 * ties >= _signed_diff(c, k)) & (t + 1 < hi)
+    v = sample_bits[jnp.maximum(first - 1, 0)]
+    gained = (first - jnp.searchsorted(sample_bits, v, side="left")).astype(jnp.float32) * per_sample
+    onto_spike = ~moved_lo & (first > 0) & (v > lo) & (2 * gained >= _signed_diff(k, c))
+    steps = jnp.ceil(jnp.abs(_signed_diff(c, k)) / per_sample).astype(jnp.int32)
+    ranked = sample_bits[jnp.clip(jnp.where(moved_lo, first + steps - 1, first - steps), 0, s - 1)]
+    ranked_ok = (steps >= 2) & (ranked > lo) & (ranked < hi)
+    return jnp.where(past_spike, t + 1, jnp.where(onto_spike, v, jnp.where(ranked_ok, ranked, secant_t)))
+
+
 def _search(rows, max_bits, n: int, k, layout: _BitLayout):
     """`kth_largest_magnitude_bits` on prepared rows (see `_magnitude_rows`)."""
     cdt = count_dtype()
@@ -318,8 +368,10 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
             jnp.where(dist >= new_width, hi, t + offset),
             jnp.where(dist >= new_width, lo, t - jnp.minimum(offset, t)),
         )
-        if _DEBUG_ITERATIONS:
-            jax.debug.print("probe t={} c-k={} width={}", t, _signed_diff(c, k), width)
+        discrete_t = _discrete_next_probe(t, c, k, moved_lo, lo, hi, next_t, sample_bits, n)
+        next_t = jnp.where(discrete, discrete_t, next_t)
+        if _PROBE_HOOK is not None:
+            jax.debug.callback(_PROBE_HOOK, t, _signed_diff(c, k), width)
         return lo, c_lo, hi, c_hi, next_t, t, c, density, outside, stall
 
     start, density, sample_bits, discrete = _sample_start(rows, n, k, layout)
