@@ -52,7 +52,7 @@ import numpy as np
 from jaxmerge.core.sharding import leaf_sharding
 from jaxmerge.engine._atomic import atomic_directory, lies_inside, stop_if_terminated
 from jaxmerge.engine._finite import finite_flags, raise_unless_finite
-from jaxmerge.formats.orbax import LeafInfo, OrbaxCheckpoint, check_orbax_dir, import_orbax
+from jaxmerge.formats.orbax import GroupedLeafReader, LeafInfo, OrbaxCheckpoint, check_orbax_dir, import_orbax
 from jaxmerge.formats.orbax import is_orbax_checkpoint  # noqa: F401 - public here before the reader moved
 from jaxmerge.formats.safetensors_io import CheckpointError
 from jaxmerge.methods import _table as table
@@ -188,46 +188,6 @@ def plan_orbax(
 
 
 # --- merging ----------------------------------------------------------------------------------
-
-class _GroupReader:
-    """Restore leaves a group at a time from every source; hand them out one leaf at a time.
-
-    A group is a run of consecutive leaves of at most `budget` bytes per source
-    (one leaf when a leaf alone is larger), so at most one group per source is
-    held at a time.
-    """
-
-    def __init__(self, leaves: list[LeafInfo], sources: list[OrbaxCheckpoint], budget: int, mesh):
-        self.sources, self.mesh = sources, mesh
-        self.group_of: dict[str, list[str]] = {}
-        group: list[str] = []
-        size = 0
-        for leaf in leaves:
-            if group and size + leaf.nbytes > budget:
-                for name in group:
-                    self.group_of[name] = group
-                group, size = [], 0
-            group.append(leaf.path)
-            size += leaf.nbytes
-        for name in group:
-            self.group_of[name] = group
-        self.infos = {leaf.path: leaf for leaf in leaves}
-        self._held: dict[str, list[Any]] = {}
-
-    def take(self, name: str) -> list[Any]:
-        """The leaf `name` of every source (the group is restored when first needed, released as used)."""
-        if name not in self._held:
-            self._held.clear()  # a leaf taken out of order: drop the rest of the previous group
-            names = self.group_of[name]
-            shardings = None
-            if self.mesh is not None:
-                shardings = [leaf_sharding(self.infos[n].shape, self.mesh) for n in names]
-            columns = [src.read(names, shardings) for src in self.sources]
-            for j, n in enumerate(names):
-                self._held[n] = [col[j] for col in columns]
-            del columns
-        return self._held.pop(name)
-
 
 def _same(a, b) -> bool:
     if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
@@ -393,8 +353,9 @@ def merge_orbax(
             else:
                 settled[leaf.path] = check_equal(leaf, leaves[: len(checkpoints)])
     arrays = [leaf for leaf in plan.leaves if leaf.array]
-    float_reader = _GroupReader([x for x in arrays if x.floating], float_sources, plan.group_bytes, mesh)
-    other_reader = _GroupReader([x for x in arrays if not x.floating], checkpoints, plan.group_bytes, mesh)
+    sharding_of = None if mesh is None else (lambda leaf: leaf_sharding(leaf.shape, mesh))
+    float_reader = GroupedLeafReader(float_sources, [x for x in arrays if x.floating], plan.group_bytes, sharding_of)
+    other_reader = GroupedLeafReader(checkpoints, [x for x in arrays if not x.floating], plan.group_bytes, sharding_of)
 
     total = sum(x.nbytes for x in plan.leaves)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress)

@@ -13,7 +13,8 @@ through it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,59 @@ class OrbaxCheckpoint:
         )
         flat = self._treedef.flatten_up_to(restored)
         return [flat[self._index[n]] for n in names]
+
+
+class GroupedLeafReader:
+    """Restore leaves a group at a time from every source; hand them out one leaf at a time.
+
+    One Orbax restore costs tens of ms whatever it reads, more the larger the tree
+    (measured on 2 cores: ~22 ms in a 41-leaf tree, ~63 ms in a 201-leaf one;
+    41 small leaves one by one 0.92 s, in one restore 0.12-0.18 s), so leaves are
+    restored in groups: runs of consecutive leaves of `order` of at most `budget`
+    bytes per source (one leaf when a leaf alone is larger). At most one group
+    per source is held; a leaf taken out of order drops the rest of the held
+    group and restores its own. Safe to call from several threads.
+
+    Args:
+      sources: checkpoints holding every leaf of `order` under the same paths.
+      order: the leaves in the order they will be taken.
+      budget: bytes per source and group.
+      sharding_of: the `jax.sharding.Sharding` of a leaf, or None for the default device.
+    """
+
+    def __init__(self, sources: Sequence[OrbaxCheckpoint], order: Sequence[LeafInfo], budget: int,
+                 sharding_of: Callable[[LeafInfo], Any] | None = None):
+        self.sources, self.sharding_of = list(sources), sharding_of
+        self.group_of: dict[str, list[str]] = {}
+        group: list[str] = []
+        size = 0
+        for leaf in order:
+            if group and size + leaf.nbytes > budget:
+                for name in group:
+                    self.group_of[name] = group
+                group, size = [], 0
+            group.append(leaf.path)
+            size += leaf.nbytes
+        for name in group:
+            self.group_of[name] = group
+        self.infos = {leaf.path: leaf for leaf in order}
+        self._held: dict[str, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, name: str) -> list[Any]:
+        """The leaf `name` of every source (its group restored when first needed, released as taken)."""
+        with self._lock:
+            if name not in self._held:
+                self._held.clear()  # a leaf taken out of order: drop the rest of the previous group
+                names = self.group_of[name]
+                shardings = None
+                if self.sharding_of is not None:
+                    shardings = [self.sharding_of(self.infos[n]) for n in names]
+                columns = [src.read(names, shardings) for src in self.sources]
+                for j, n in enumerate(names):
+                    self._held[n] = [col[j] for col in columns]
+                del columns
+            return self._held.pop(name)
 
 
 def _key_text(key) -> str:
