@@ -142,6 +142,18 @@ def test_report_and_card(family, capsys):
     assert f"--model {family['ft']}" in card and "--max-rank 8" in card
 
 
+def test_cli_loads_its_kernels_from_the_compilation_cache(family, tmp_path, monkeypatch):
+    """Like `jaxmerge merge`, the command turns on the persistent compilation cache before any JAX work,
+    so a second run loads the SVD kernels instead of compiling them."""
+    from jaxmerge.engine import compile_cache
+
+    calls = []
+    monkeypatch.setattr(compile_cache, "enable_compile_cache", lambda *args, **kwargs: calls.append(args))
+    assert cli_main(["extract-lora", "--model", str(family["ft"]), "--base", str(family["base"]),
+                     "--output", str(tmp_path / "out"), "--max-rank", "4", "--quiet"]) == 0
+    assert len(calls) == 1
+
+
 def _fold(base: Path, adapter: Path, into: Path) -> Path:
     """A model directory holding base + the adapter (LoraFolded), with the base's config."""
     folded = LoraFolded(base, adapter)

@@ -288,8 +288,12 @@ def _moe(args: argparse.Namespace) -> int:
 def _extract_lora(args: argparse.Namespace) -> int:
     """`jaxmerge extract-lora --model FT --base BASE --output OUT`: mergekit-extract-lora (jaxmerge/tools/extract_lora/)."""
     from jaxmerge.engine._atomic import sigterm_before_writing
+    from jaxmerge.engine.compile_cache import enable_compile_cache
     from jaxmerge.formats.safetensors_io import CheckpointError
     from jaxmerge.tools import extract_lora as xl
+
+    # Before any JAX work, as for merge: later runs load the SVD kernels instead of compiling them.
+    enable_compile_cache()
 
     def warn(line: str) -> None:
         if not args.quiet:
