@@ -54,7 +54,7 @@ def torch_name_and_axes(keys: tuple[str, ...], ndim: int) -> tuple[str, tuple[in
       ndim: its array's number of dimensions.
 
     Returns:
-      (dotted name, axes for `np.transpose`, or None when the array is used as it is).
+      (dotted name, axes of the transpose to PyTorch's layout, or None when the array is used as it is).
     """
     *module, leaf = keys
     if leaf == "kernel" and ndim >= 2:
