@@ -55,18 +55,19 @@ def _matmul(a, b):
     return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def _captured_energy(zt: jax.Array, rank: int) -> jax.Array:
-    """The sum of the top `rank` squared singular values of zt (the eigenvalues of its small Gram matrix)."""
-    return jnp.sum(jnp.linalg.eigvalsh(_matmul(zt.T, zt))[-rank:])
+def _captured_energy(y: jax.Array, rank: int) -> jax.Array:
+    """The sum of the top `rank` squared singular values of y (the eigenvalues of its small Gram matrix)."""
+    return jnp.sum(jnp.linalg.eigvalsh(_matmul(y, y.T))[-rank:])
 
 
 def _randomized_svd(x: jax.Array, key: jax.Array, rank: int, oversample: int, power_iterations: int):
     """Halko, Martinsson & Tropp (2011) Alg. 4.4 (randomized subspace iteration) + Alg. 5.1 (direct SVD),
     with at most `power_iterations` iterations: it stops after an iteration that lowered the squared
     error of the rank-`rank` approximation by less than `CONVERGED` of what remains (the sketch has
-    converged; the next iteration would change little). Each iteration's x^T Q is both the next
+    converged; the next iteration would change little). Each iteration's Q^T x is both the next
     iteration's first product and the projected matrix the error is read from, so the check costs
-    only a (width x width) eigensolve.
+    only a (width x width) eigensolve. Q^T x, not x^T Q: XLA:CPU multiplies the large matrix in its
+    own layout 13-16% faster over the whole decomposition (5632 x 2048 at rank 64, either orientation).
 
     Returns (U (m, rank), S (rank,), Vh (rank, n), the number of iterations run).
     """
@@ -75,23 +76,23 @@ def _randomized_svd(x: jax.Array, key: jax.Array, rank: int, oversample: int, po
     omega = jax.random.normal(key, (n, width), x.dtype)
     total = jnp.sum(x * x)
     q, _ = jnp.linalg.qr(_matmul(x, omega))
-    zt = _matmul(x.T, q)  # (Q^T x)^T
-    state = (0, q, zt, _captured_energy(zt, rank), jnp.asarray(jnp.inf, x.dtype))
+    y = _matmul(q.T, x)  # (width, n)
+    state = (0, q, y, _captured_energy(y, rank), jnp.asarray(jnp.inf, x.dtype))
 
     def more(state):
         done, _, _, captured, gain = state
         return (done < power_iterations) & (gain > CONVERGED * (total - captured))
 
     def iterate(state):
-        done, _, zt, captured, _ = state
-        z, _ = jnp.linalg.qr(zt)
+        done, _, y, captured, _ = state
+        z, _ = jnp.linalg.qr(y.T)
         q, _ = jnp.linalg.qr(_matmul(x, z))
-        zt = _matmul(x.T, q)
-        now = _captured_energy(zt, rank)
-        return done + 1, q, zt, now, now - captured
+        y = _matmul(q.T, x)
+        now = _captured_energy(y, rank)
+        return done + 1, q, y, now, now - captured
 
-    done, q, zt, _, _ = jax.lax.while_loop(more, iterate, state)
-    u_small, s, vh = jnp.linalg.svd(zt.T, full_matrices=False)
+    done, q, y, _, _ = jax.lax.while_loop(more, iterate, state)
+    u_small, s, vh = jnp.linalg.svd(y, full_matrices=False)
     return _matmul(q, u_small)[:, :rank], s[:rank], vh[:rank], done
 
 
