@@ -145,7 +145,13 @@ def test_an_interrupted_child_is_not_retried_here(tokenizer_dir, monkeypatch):
     """Ctrl-C reaches the child too: its death by SIGINT is reported, not followed by a second, slow try."""
     import signal
 
-    tokens = PromptTokens(tokenizer_dir, PROMPTS)
+    # As under an interactive shell: a suite started as a background job (`cmd &`) inherits SIGINT
+    # ignored, which the child would inherit too. A handled signal is reset to its default at exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        tokens = PromptTokens(tokenizer_dir, PROMPTS)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     tokens._child.send_signal(signal.SIGINT)
     monkeypatch.setattr(prompt_tokens, "load_tokenizer", lambda _: pytest.fail("tokenised in process"))
     with pytest.raises(prompt_tokens.PromptTokenError, match="stopped by signal 2"):
