@@ -3,6 +3,8 @@ script that no longer runs, or whose two tools stopped agreeing on the inputs, m
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("mergekit")
@@ -123,3 +125,18 @@ def test_ties_numerics_compares_each_output_with_mergekits_float32_ties(tmp_path
     result = compare(tmp_path, size="t", tensors=3)
     assert result["summary"]["jaxmerge"]["share_differ"] == 0
     assert result["summary"]["mergekit"]["share_differ"] == pytest.approx(4 / (3 * 32 * 16))
+
+
+def test_randomized_svd_error_benchmark_tiny(tmp_path, capsys):
+    """The error table runs on small matrices: one row per family and rank, ratios at least 1 (exact is optimal)."""
+    from benchmarks import randomized_svd_error
+
+    out = tmp_path / "error.json"
+    result = randomized_svd_error.main(["--sizes", "128x64", "--ranks", "4,16,32", "--seeds", "1",
+                                        "--output", str(out)])
+    rows = result["rows"]
+    assert json.loads(out.read_text())["rows"] == rows
+    assert {r["rank"] for r in rows} == {4, 16}  # 32 > 64 / 4: not a randomized case
+    assert len(rows) == 2 * len(randomized_svd_error.families(128, 64))
+    assert all(r["worst_error_ratio"] >= 1 - 1e-6 and r["iterations"] for r in rows)
+    assert "worst, gaussian" in capsys.readouterr().out

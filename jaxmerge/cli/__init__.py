@@ -599,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="leave out modules that cannot be decomposed (norms) instead of saving them whole")
     extract.add_argument(
         "--decomposition", choices=["auto", "exact", "randomized"], default="auto",
-        help="exact: full SVD (mergekit's); randomized: Halko et al. (2011) with rank oversampling and 3 power "
-        "iterations; auto (default): randomized when rank + oversampling <= a quarter of the smaller side",
+        help="exact: full SVD (mergekit's); randomized: Halko et al. (2011), oversampling rank / 2, up to 3 "
+        "power iterations; auto (default): randomized when rank + oversampling <= a quarter of the smaller side",
     )
     extract.add_argument("--seed", type=int, default=0, help="seed of the randomized sketches (default 0)")
     extract.add_argument("--force", action="store_true", help="replace an existing output")

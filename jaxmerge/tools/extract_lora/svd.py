@@ -28,12 +28,20 @@ DECOMPOSITIONS = ("auto", "exact", "randomized")
 DEFAULT_MAX_RANK = 128  # mergekit-extract-lora's --max-rank
 POWER_ITERATIONS = 3  # q of the randomized SVD, at most
 CONVERGED = 0.01  # stop iterating once an iteration lowers the squared error by less than this share of it
+# Below this share of the total energy, the remaining squared error is within float32's rounding of the
+# total (total - captured cancels): no gain can be told from noise there, so the iterations go on to q.
+RESOLVABLE = 1e-5
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bfloat16 passes for float32 matmuls on accelerators
 
 
 def oversampling(rank: int) -> int:
-    """p, the randomized SVD's extra sketch columns: max(10, rank) (the sketch has rank + p columns)."""
-    return max(10, int(rank))
+    """p, the randomized SVD's extra sketch columns: max(10, rank // 2) (the sketch has rank + p columns).
+
+    Half the rank, with the adaptive power iterations, kept the error within 0.7% of the exact truncated
+    SVD's on every case measured (see the package docstring), as p = rank did, for 3/4 of its matrix
+    products; a quarter of the rank reached 1.25% on a flat block of singular values cut by the rank.
+    """
+    return max(10, int(rank) // 2)
 
 
 def choose_decomposition(shape: Sequence[int], rank: int, decomposition: str = "auto") -> str:
@@ -64,7 +72,8 @@ def _randomized_svd(x: jax.Array, key: jax.Array, rank: int, oversample: int, po
     """Halko, Martinsson & Tropp (2011) Alg. 4.4 (randomized subspace iteration) + Alg. 5.1 (direct SVD),
     with at most `power_iterations` iterations: it stops after an iteration that lowered the squared
     error of the rank-`rank` approximation by less than `CONVERGED` of what remains (the sketch has
-    converged; the next iteration would change little). Each iteration's Q^T x is both the next
+    converged; the next iteration would change little), unless what remains is too small a share of
+    the total (`RESOLVABLE`) for float32 to measure a gain against it. Each iteration's Q^T x is both the next
     iteration's first product and the projected matrix the error is read from, so the check costs
     only a (width x width) eigensolve. Q^T x, not x^T Q: XLA:CPU multiplies the large matrix in its
     own layout 13-16% faster over the whole decomposition (5632 x 2048 at rank 64, either orientation).
@@ -81,7 +90,8 @@ def _randomized_svd(x: jax.Array, key: jax.Array, rank: int, oversample: int, po
 
     def more(state):
         done, _, _, captured, gain = state
-        return (done < power_iterations) & (gain > CONVERGED * (total - captured))
+        remaining = total - captured
+        return (done < power_iterations) & ((gain > CONVERGED * remaining) | (remaining < RESOLVABLE * total))
 
     def iterate(state):
         done, _, y, captured, _ = state
