@@ -10,6 +10,7 @@ would otherwise count (a child's ru_maxrss starts from its parent's at fork).
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -19,8 +20,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def io_floor(inputs: list[Path], out: Path) -> float:
-    """Seconds to read `inputs` once and write a copy of the first to `out` (then removed).
+def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_bytes: int | None = None) -> float:
+    """Seconds to read `inputs` once and write `out_bytes` of them to `out` (then removed).
+
+    Args:
+      inputs: the files a merge reads.
+      out: a path for the output-sized file.
+      out_bytes: its size (default: the first input's, a merge's output); larger than the first input
+        (a mixture of experts is larger than each model), the inputs' bytes are written in turn.
+      read_bytes: how much of the inputs, in order, the tool must read (default all; a mixture of
+        experts reads only each expert's MLP tensors and the base's others: as many bytes as it writes).
 
     One reused 64 MB buffer (`readinto`): no allocation per block, so this is the
     I/O alone (page-cache copies and the disk's write-back), not Python's allocator.
@@ -29,16 +38,24 @@ def io_floor(inputs: list[Path], out: Path) -> float:
 
     buf = bytearray(64 << 20)
     view = memoryview(buf)
+    target = Path(inputs[0]).stat().st_size if out_bytes is None else int(out_bytes)
+    to_read = sum(Path(p).stat().st_size for p in inputs) if read_bytes is None else int(read_bytes)
     start = time.perf_counter()
     for path in inputs:
         with open(path, "rb", buffering=0) as f:
-            while f.readinto(view):
-                pass
+            while to_read > 0 and (n := f.readinto(view)):
+                to_read -= n
     dst = StreamedFile(out)
+    written = 0
     try:
-        with open(inputs[0], "rb", buffering=0) as src:
-            while n := src.readinto(view):
-                dst.write(view[:n])
+        for path in itertools.cycle(inputs):
+            with open(path, "rb", buffering=0) as src:
+                while written < target and (n := src.readinto(view)):
+                    n = min(n, target - written)
+                    dst.write(view[:n])
+                    written += n
+            if written >= target:
+                break
     except BaseException:
         dst.abort()
         Path(out).unlink(missing_ok=True)
@@ -49,11 +66,12 @@ def io_floor(inputs: list[Path], out: Path) -> float:
     return elapsed
 
 
-def io_floor_in_child(inputs: list[Path], out: Path) -> float:
+def io_floor_in_child(inputs: list[Path], out: Path, out_bytes: int | None = None,
+                      read_bytes: int | None = None) -> float:
     """`io_floor` in a fresh Python process (see the module's docstring)."""
     code = ("import json, sys; from pathlib import Path; from benchmarks.floor import io_floor; "
-            "args = json.loads(sys.argv[1]); print(io_floor([Path(p) for p in args[0]], Path(args[1])))")
-    arg = json.dumps([[str(p) for p in inputs], str(out)])
+            "args = json.loads(sys.argv[1]); print(io_floor([Path(p) for p in args[0]], Path(args[1]), *args[2:]))")
+    arg = json.dumps([[str(p) for p in inputs], str(out), out_bytes, read_bytes])
     done = subprocess.run([sys.executable, "-c", code, arg], cwd=REPO, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the I/O floor's process failed:\n{done.stderr}")

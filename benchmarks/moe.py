@@ -9,7 +9,10 @@ tokenizer of the model's vocabulary; writes one mergekit-moe configuration
 (every expert with its own prompts, routers from `--gate-mode`); then runs
 mergekit-moe and `jaxmerge moe` (no compilation cache: every run compiles), taking
 turns round by round, each in a child process whose peak RSS is its own
-(os.wait4). Reports median wall seconds and peak RSS, the ratios in the same
+(os.wait4). Each round also measures the I/O floor (`benchmarks.floor`: read as many
+bytes of the inputs as the output holds, base first, then write them, fsync included;
+the output's tensors are the base's and the experts' MLPs, each read once): the least
+any tool can spend. Reports median wall seconds and peak RSS, the ratios in the same
 rounds, and whether the two outputs load as the same model (every tensor after
 transformers' loading, max |difference| of the routers).
 
@@ -28,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.floor import io_floor_in_child
 from benchmarks.vs_mergekit import REPO, cache_env, machine_line, run_child
 
 # (hidden, intermediate, layers, vocab): "llama" is the issue's size (hidden 1024, bf16).
@@ -104,6 +108,9 @@ def bench(root: Path, size: str, experts: int, gate_mode: str, rounds: int) -> d
         "jaxmerge": lambda out: [sys.executable, "-m", "jaxmerge", "moe", str(config), str(out), "--force", "--quiet"],
     }
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+    inputs = sorted(f for model in config.parent.iterdir() if model.is_dir()
+                    for f in model.iterdir() if f.suffix == ".safetensors")
+    floors: list[float] = []
     for r in range(rounds):
         order = list(tools) if r % 2 == 0 else list(reversed(tools))  # alternate who goes first
         for name in order:
@@ -112,6 +119,10 @@ def bench(root: Path, size: str, experts: int, gate_mode: str, rounds: int) -> d
             os.sync()  # the removal's disk work (ext4 discards here) is done before the clock starts, for both
             runs[name].append(run_child(tools[name](out), env))
             print(f"round {r + 1} {name}: {runs[name][-1][0]:.1f} s, {runs[name][-1][1]:.2f} GB", flush=True)
+        output_bytes = sum(f.stat().st_size for f in (root / "out-jaxmerge").iterdir() if f.is_file())
+        # The output's tensors each come from one input tensor (the routers aside): read as much as is written.
+        floors.append(io_floor_in_child(inputs, root / "floor.bin", output_bytes, output_bytes))
+        print(f"round {r + 1} I/O floor: {floors[-1]:.1f} s", flush=True)
     med = {name: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for name, v in runs.items()}
     hidden, inter, layers, vocab = SIZES[size]
     return {
@@ -124,19 +135,23 @@ def bench(root: Path, size: str, experts: int, gate_mode: str, rounds: int) -> d
         "median_peak_rss_gb": {k: round(v[1], 3) for k, v in med.items()},
         "speedup": round(med["mergekit"][0] / med["jaxmerge"][0], 2),
         "memory_ratio": round(med["jaxmerge"][1] / med["mergekit"][1], 3),
+        "io_floor_s": round(statistics.median(floors), 3), "floors": floors,
+        "jaxmerge_over_floor": round(med["jaxmerge"][0] / statistics.median(floors), 2),
         "agreement": _agreement(root / "out-jaxmerge", root / "out-mergekit"),
     }
 
 
 def markdown(results: list[dict], machine: str, date: str, command: str) -> str:
     lines = [f"# jaxmerge moe vs mergekit-moe\n\n{machine}; {date}; `{command}`\n",
-             "| model | experts | gates | mergekit | jaxmerge | speed-up | peak RSS mergekit | jaxmerge | memory |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | experts | gates | mergekit | jaxmerge | speed-up | I/O floor | jaxmerge / floor "
+             "| peak RSS mergekit | jaxmerge | memory |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         s = r["shape"]
         lines.append(
             f"| Llama h{s['hidden']} x{s['layers']} bf16 ({r['input_gb_each']} GB each) | {r['experts']} | {r['gate_mode']} "
             f"| {r['median_wall_s']['mergekit']} s | {r['median_wall_s']['jaxmerge']} s | {r['speedup']}x "
+            f"| {r['io_floor_s']} s | {r['jaxmerge_over_floor']}x "
             f"| {r['median_peak_rss_gb']['mergekit']} GB | {r['median_peak_rss_gb']['jaxmerge']} GB | {r['memory_ratio']}x |")
     return "\n".join(lines) + "\n"
 

@@ -140,3 +140,28 @@ def test_randomized_svd_error_benchmark_tiny(tmp_path, capsys):
     assert len(rows) == 2 * len(randomized_svd_error.families(128, 64))
     assert all(r["worst_error_ratio"] >= 1 - 1e-6 and r["iterations"] for r in rows)
     assert "worst, gaussian" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_moe_benchmark_tiny_times_both_tools_and_the_floor(tmp_path):
+    """Both tools build the same tiny MoE, timed, with an I/O floor that reads and writes the output's bytes."""
+    from benchmarks import moe
+
+    assert moe.main(["--size", "tiny", "--experts", "2", "--rounds", "1", "--root", str(tmp_path / "work"),
+                     "--results", str(tmp_path), "--name", "tiny"]) == 0
+    (result,) = json.loads((tmp_path / "tiny.json").read_text())["results"]
+    (floor,) = result["floors"]
+    assert all(w > 0 for w in result["median_wall_s"].values()) and floor > 0
+    assert result["jaxmerge_over_floor"] == pytest.approx(result["median_wall_s"]["jaxmerge"] / floor, rel=0.02)
+    assert "I/O floor" in (tmp_path / "tiny.md").read_text()
+
+
+def test_io_floor_reads_and_writes_the_bytes_asked(tmp_path):
+    from benchmarks.floor import io_floor
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"a" * 1000)
+    b.write_bytes(b"b" * 3000)
+    assert io_floor([a, b], tmp_path / "out.bin", out_bytes=2500, read_bytes=1200) > 0
+    assert not (tmp_path / "out.bin").exists()  # removed after timing
+    assert a.read_bytes() == b"a" * 1000 and b.read_bytes() == b"b" * 3000
