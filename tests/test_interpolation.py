@@ -187,6 +187,40 @@ def test_karcher_edge_cases_equal_mergekit(case):
     close(got, mergekit_merge("karcher", models, None, {}), rtol=1e-4, atol=1e-5)
 
 
+def _karcher_float64(models, max_iter=10, tol=1e-5):
+    """mergekit's Karcher iteration (equal weights) in float64 NumPy, on tensors: the reference."""
+    flat = [np.asarray(m, np.float64).reshape(-1) for m in models]
+    norms = np.array([np.linalg.norm(x) for x in flat])
+    units = [x / n for x, n in zip(flat, norms)]
+    mean = sum(units) / len(units)
+    mean /= np.linalg.norm(mean)
+    steps = 0
+    for _ in range(max_iter):
+        dots = np.clip([u @ mean for u in units], -1, 1)
+        theta = np.arccos(dots)
+        tangent = sum(t / np.sin(t) / len(units) * (u - d * mean) for u, d, t in zip(units, dots, theta))
+        length = np.linalg.norm(tangent)
+        if length < tol:
+            break
+        mean = np.cos(length) * mean + np.sin(length) * tangent / length
+        mean /= np.linalg.norm(mean)
+        steps += 1
+    return (norms.sum() / len(units) * mean).reshape(models[0].shape), steps
+
+
+@pytest.mark.parametrize("spread", [1.0, 0.5])
+def test_karcher_steps_on_coefficients_match_a_float64_run_of_the_iteration(spread):
+    """The mean moves as a combination of the units (inner products from their Gram matrix, the step's
+    length from the tensors): after several steps it equals the iteration run on float64 tensors to float32
+    precision, for models far apart (spread 1) and closer (0.5; closer still, the first step is the last)."""
+    g = [rand((64, 96), 40 + i) for i in range(3)]
+    models = [g[0], g[0] + spread * g[1], g[0] + spread * (0.3 * g[1] + 2 * g[2])]
+    want, steps = _karcher_float64(models)
+    assert steps >= 2  # the iteration moves: not the normalised mean it starts from
+    got = np.asarray(ours("karcher", models), np.float64)
+    assert np.abs(got - want).max() <= 5e-7 * np.abs(want).max()
+
+
 def test_karcher_ignores_a_base():
     models = [rand((10,), 32), rand((10,), 33)]
     close(ours("karcher", models, base=rand((10,), 34)), ours("karcher", models))
