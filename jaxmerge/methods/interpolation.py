@@ -279,6 +279,9 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
     def combine(weights):  # sum_i weights[i] x_i, in one pass over the models
         return sum_tasks([weights[i] * flat[i] for i in range(n)])
 
+    def small(a, b):  # n x n algebra; HIGHEST: no reduced-precision (TF32) matmul on accelerators
+        return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+
     products = {(i, j): jnp.sum(flat[i] * flat[j]) for i in range(n) for j in range(i, n)}
     inner = jnp.stack([jnp.stack([products[min(i, j), max(i, j)] for j in range(n)]) for i in range(n)])
     norms = jnp.sqrt(jnp.diagonal(inner))
@@ -287,13 +290,13 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
     valid = norms > tol
     alphas = jnp.where(valid, 1.0 / n, 0).astype(cd)
     alphas = alphas / _safe(jnp.sum(alphas), ~jnp.any(valid))
-    mean_norm = jnp.sqrt(jnp.maximum(alphas @ gram @ alphas, 0))
+    mean_norm = jnp.sqrt(jnp.maximum(small(alphas, small(gram, alphas)), 0))
     first_valid = (jnp.arange(n) == jnp.argmax(valid)).astype(cd)
     coef = jnp.where(mean_norm < tol, first_valid, alphas / _safe(mean_norm, mean_norm == 0))
 
     def step(state):
         i, coef, _ = state
-        dots = jnp.clip(gram @ coef, -1, 1)
+        dots = jnp.clip(small(gram, coef), -1, 1)
         theta = jnp.arccos(dots)
         skip = (theta < tol) | ~valid
         factor = jnp.where(skip, 0, alphas * theta / _safe(jnp.sin(theta), skip))
@@ -303,7 +306,7 @@ def karcher_mean(tensors, max_iter=10, tol=1e-5):
 
         def move():
             moved = jnp.cos(tangent_norm) * coef + jnp.sin(tangent_norm) * (tangent / tangent_norm)
-            unit_norm = jnp.sqrt(jnp.maximum(moved @ gram @ moved, 0))
+            unit_norm = jnp.sqrt(jnp.maximum(small(moved, small(gram, moved)), 0))
             return jnp.where(unit_norm > tol, moved / _safe(unit_norm, unit_norm <= tol), moved)
 
         # lax.cond: the last step (converged) makes no move.
