@@ -221,6 +221,18 @@ def test_karcher_steps_on_coefficients_match_a_float64_run_of_the_iteration(spre
     assert np.abs(got - want).max() <= 5e-7 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("eps", [1e-2, 1e-3])
+def test_karcher_of_near_antipodal_models_keeps_float32_precision(eps):
+    """A short mean (a, -a + eps b: its length ~eps) is where inner products from the units' Gram matrix
+    would lose digits to cancellation (4e-2 off at eps 1e-3); the lengths then come from the tensors, and
+    the result is as close to the float64 run as float32 allows there (~1e-7 / eps)."""
+    a, b, c = rand((64, 96), 30), rand((64, 96), 31), rand((64, 96), 32)
+    for models in ([a, -a + eps * b], [a, -a + eps * b, 0.5 * a + c]):
+        want, _ = _karcher_float64(models)
+        got = np.asarray(ours("karcher", models), np.float64)
+        assert np.abs(got - want).max() <= 0.2 / eps * 1e-6 * np.abs(want).max(), len(models)
+
+
 def test_karcher_ignores_a_base():
     models = [rand((10,), 32), rand((10,), 33)]
     close(ours("karcher", models, base=rand((10,), 34)), ours("karcher", models))
