@@ -39,19 +39,21 @@ def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_b
     buf = bytearray(64 << 20)
     view = memoryview(buf)
     target = Path(inputs[0]).stat().st_size if out_bytes is None else int(out_bytes)
-    to_read = sum(Path(p).stat().st_size for p in inputs) if read_bytes is None else int(read_bytes)
+    total = sum(Path(p).stat().st_size for p in inputs)
+    if target > 0 and total == 0:
+        raise ValueError(f"io_floor: the inputs are empty, nothing to write {target} bytes from")
+    to_read = total if read_bytes is None else int(read_bytes)
     start = time.perf_counter()
     for path in inputs:
         with open(path, "rb", buffering=0) as f:
-            while to_read > 0 and (n := f.readinto(view)):
+            while to_read > 0 and (n := f.readinto(view[:min(len(view), to_read)])):
                 to_read -= n
     dst = StreamedFile(out)
     written = 0
     try:
         for path in itertools.cycle(inputs):
             with open(path, "rb", buffering=0) as src:
-                while written < target and (n := src.readinto(view)):
-                    n = min(n, target - written)
+                while written < target and (n := src.readinto(view[:min(len(view), target - written)])):
                     dst.write(view[:n])
                     written += n
             if written >= target:

@@ -69,10 +69,10 @@ run. That rule kept the Frobenius error within 0.7% of the exact truncated SVD's
 `python -m benchmarks.randomized_svd_error` at 384 x 256 and 1024 x 512, ranks 8
 to 128, rank/min(m, n) up to 1/4 (results/randomized_svd_error.json): 0.66% at
 worst on Gaussian matrices (a flat spectrum), 0.55% on low rank + noise, 0.59% on
-a flat block of 48 values over small noise, 0.17% on a j^-0.5 power law, 0.03%
+a rank-48 block over small noise, 0.17% on a j^-0.5 power law, 0.03%
 on exponential and 0.00% on j^-2 spectra (tests/test_extract_lora.py checks the
 1% bound). p = rank (before) gave 0.52-0.68% for 4/3 of the matrix products;
-p = rank // 4 reached 1.25% on the flat block. `auto` (the default) is randomized
+p = rank // 4 reached 1.25% on that block. `auto` (the default) is randomized
 when the sketch is at most a quarter of the matrix's smaller side (rank + p <= min(m, n) / 4), where it is
 several times faster, and exact otherwise. Everything is jitted and computed in
 float32 (float64 for float64 inputs when JAX has x64 enabled); the random
