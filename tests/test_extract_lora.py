@@ -711,3 +711,49 @@ def test_bad_rank_rules_cli(family, tmp_path, capsys, monkeypatch):
         args = [w for k, v in options.items() for w in ("--" + k.replace("_", "-"), str(v))]
         err = _bad(family, tmp_path, capsys, monkeypatch, *args)
         assert words in err, (options, err)
+
+
+def test_lapack_threads_rule():
+    # Randomized SVDs, and exact ones of matrices under 512 on their smaller side: LAPACK on one thread.
+    assert xl.lapack_threads([("randomized", (5632, 2048)), ("exact", (256, 2048)), ("exact", (2048, 511))]) == 1
+    assert xl.lapack_threads([]) == 1
+    # An exact SVD from 512 on: LAPACK's threads as they are.
+    assert xl.lapack_threads([("randomized", (4096, 4096)), ("exact", (512, 2048))]) is None
+    assert xl.lapack_threads([("exact", (4096, 512))]) is None
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the limit applies to the CPU's LAPACK only")
+def test_kernels_run_under_the_lapack_limit(family, tmp_path, monkeypatch):
+    """Each SVD kernel is dispatched (and so runs) while the run's limit holds: one BLAS thread for the
+    tiny model's randomized and small exact SVDs, the pool's own count for an exact 512 x 520 SVD."""
+    from threadpoolctl import threadpool_info
+
+    from jaxmerge.tools.extract_lora import svd
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    jnp.linalg.qr(jnp.ones((4, 3))).Q.block_until_ready()  # jaxlib's LAPACK is loaded
+    default = blas_threads()
+    seen = []
+    kernel = svd._lora_kernel
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["method"], blas_threads()))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(svd, "_lora_kernel", recording)
+    assert cli_main(["extract-lora", "--model", str(family["ft"]), "--base", str(family["base"]),
+                     "--output", str(tmp_path / "cli"), "--max-rank", "4", "--quiet"]) == 0
+    assert seen and {m for m, _ in seen} == {"exact"} and all(t == {1} for _, t in seen)
+    seen.clear()
+    rng = np.random.default_rng(0)
+    base = {"big": rng.standard_normal((512, 520)).astype(np.float32),
+            "tall": rng.standard_normal((640, 160)).astype(np.float32)}
+    ft = {k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+    xl.extract_lora({"tall": ft["tall"]}, {"tall": base["tall"]}, rank=4)
+    assert seen == [("randomized", {1})]
+    seen.clear()
+    xl.extract_lora(ft, base, rank=4, decomposition="exact")
+    assert seen == [("exact", default), ("exact", default)]
+    assert blas_threads() == default

@@ -14,6 +14,7 @@ import numpy as np
 from jaxmerge import __version__
 from jaxmerge.engine._atomic import atomic_directory, stop_if_terminated
 from jaxmerge.engine._pipeline import run_ordered
+from jaxmerge.engine.lapack_threads import limit_lapack_threads
 from jaxmerge.formats.safetensors_io import DTYPES, CheckpointError, ShardWriter
 from jaxmerge.formats.sources import TensorSource
 from jaxmerge.methods.pytree import path_key
@@ -145,8 +146,6 @@ def extract_lora_adapter(
     Raises:
       CheckpointError, ValueError, FileExistsError: bad input, before any tensor is computed (one line).
     """
-    from tqdm.auto import tqdm
-
     from jaxmerge.engine.stream import default_depth
 
     plan, ft, base_src = plan_extraction(
@@ -157,6 +156,16 @@ def extract_lora_adapter(
     )
     key = jax.random.key(seed)
     depth = default_depth() if depth is None else depth
+    # Every kernel's result is read back (the writes, the reports) before the limit is lifted.
+    with limit_lapack_threads(svd.lapack_threads((w.method, w.shape) for w in plan.work if w.action == "lora")):
+        return _extract(plan, ft, base_src, key, distribute_scale, force, progress, invocation, depth)
+
+
+def _extract(plan: ExtractionPlan, ft: TensorSource, base_src: TensorSource, key, distribute_scale: bool,
+             force: bool, progress: bool, invocation: str | None, depth: int) -> ExtractionPlan:
+    """`extract_lora_adapter`'s two passes over the planned modules, and the adapter directory."""
+    from tqdm.auto import tqdm
+
     if plan.rule.needs_spectrum or plan.options["sv_epsilon"] > 0:
         lora = [w for w in plan.work if w.action == "lora"]
         with tqdm(total=len(lora), desc="singular values", disable=not progress) as bar:

@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmerge.engine.lapack_threads import limit_lapack_threads
 from jaxmerge.methods.pytree import path_key
 from jaxmerge.tools.extract_lora import svd
 from jaxmerge.tools.extract_lora.ranks import Spectrum, check_budget, choose_ranks, rank_rule
 from jaxmerge.tools.extract_lora.svd import (
     DEFAULT_MAX_RANK, POWER_ITERATIONS, LoraFactors, ModuleReport, _check_epsilon, _check_rank, _finite, _report,
-    choose_decomposition, oversampling,
+    choose_decomposition, lapack_threads, oversampling,
 )
 
 __all__ = ["extract_lora"]
@@ -85,6 +86,14 @@ def extract_lora(
                        oversample=oversampling(r), power_iterations=POWER_ITERATIONS)
         leaves[name] = (i, jnp.asarray(leaf), jnp.asarray(base_leaf), options)
     check_budget(rule, {name: sum(ft.shape) for name, (_, ft, _, _) in leaves.items()})
+    threads = lapack_threads((o["method"], ft.shape) for _, ft, _, o in leaves.values())
+    with limit_lapack_threads(threads):  # every kernel's result is read (`_report`) inside
+        out, report = _factor_leaves(leaves, rule, sv_epsilon, key, distribute_scale, len(flat_ft))
+    return jax.tree_util.tree_unflatten(treedef, out), report
+
+
+def _factor_leaves(leaves: dict, rule, sv_epsilon: float, key, distribute_scale: bool, count: int):
+    """`extract_lora`'s passes over the selected leaves: (factors or None per flat leaf, report)."""
     ranks = {name: o["rank"] for name, (_, _, _, o) in leaves.items()}
     spectra: dict[str, Spectrum] = {}
     if rule.needs_spectrum or sv_epsilon > 0:  # first pass: every leaf's spectrum before any rank is fixed
@@ -92,7 +101,7 @@ def extract_lora(
             s, total2 = svd._singular_values(ft, bs, path_key(key, name), **options)
             spectra[name] = Spectrum(_finite(np.asarray(s), name), float(total2), sum(ft.shape))
         ranks = choose_ranks(rule, spectra, sv_epsilon)
-    out: list[Any] = [None] * len(flat_ft)
+    out: list[Any] = [None] * count
     report = {}
     for name, (i, ft, bs, options) in leaves.items():
         r = ranks[name]
@@ -106,4 +115,4 @@ def extract_lora(
                                                  out_dtype=out_dtype, **options)
         out[i] = LoraFactors(a[:r], b[:, :r])
         report[name] = _report(name, ft.shape, r, options["method"], "matrix", s, err2, total2)
-    return jax.tree_util.tree_unflatten(treedef, out), report
+    return out, report

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmerge.engine.lapack_threads import limit_lapack_threads
 from jaxmerge.formats.safetensors_io import CheckpointError
 
-__all__ = ["CONVERGED", "DECOMPOSITIONS", "DEFAULT_MAX_RANK", "POWER_ITERATIONS", "LoraFactors", "ModuleReport",
-           "choose_decomposition", "decompose", "oversampling"]
+__all__ = ["CONVERGED", "DECOMPOSITIONS", "DEFAULT_MAX_RANK", "EXACT_THREADED_FROM", "POWER_ITERATIONS", "LoraFactors",
+           "ModuleReport", "choose_decomposition", "decompose", "lapack_threads", "oversampling"]
 
 DECOMPOSITIONS = ("auto", "exact", "randomized")
 DEFAULT_MAX_RANK = 128  # mergekit-extract-lora's --max-rank
@@ -32,6 +33,9 @@ CONVERGED = 0.01  # stop iterating once an iteration lowers the squared error by
 # total (total - captured cancels): no gain can be told from noise there, so the iterations go on to q.
 RESOLVABLE = 1e-5
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bfloat16 passes for float32 matmuls on accelerators
+# An exact SVD of a matrix whose smaller side is at least this runs faster on LAPACK's own threads (see
+# `lapack_threads`).
+EXACT_THREADED_FROM = 512
 
 
 def oversampling(rank: int) -> int:
@@ -55,6 +59,25 @@ def choose_decomposition(shape: Sequence[int], rank: int, decomposition: str = "
     if decomposition != "auto":
         return decomposition
     return "randomized" if 4 * (rank + oversampling(rank)) <= min(shape) else "exact"
+
+
+def lapack_threads(decompositions: Iterable[tuple[str, Sequence[int]]]) -> int | None:
+    """The limit on LAPACK's threads for a run of these (method, shape) decompositions
+    (`jaxmerge.engine.lapack_threads.limit_lapack_threads`): 1, unless one is an exact SVD of a
+    matrix whose smaller side is at least `EXACT_THREADED_FROM` (None: LAPACK's threads as they are).
+
+    A randomized SVD spends its time in XLA's matrix products and calls LAPACK only for small
+    factorizations, which one thread does faster than two pools sharing the cores; an exact SVD is
+    all LAPACK, which uses its threads well from a side of about 512. Measured on the 2-core CI VM,
+    one LAPACK thread against the default (two), `_lora_kernel` at rank 64 on a bfloat16 delta:
+    randomized 2048 x 2048 64 / 117 ms, 5632 x 2048 167 / 236 ms, 4096 x 4096 at rank 128 401 / 576
+    ms; exact 256 x 2048 42 / 50 ms, 512 x 2048 138 / 130 ms, 1024 x 2048 592 / 490 ms, 2048 x 2048
+    1934 / 1381 ms.
+    """
+    for method, shape in decompositions:
+        if method == "exact" and min(shape) >= EXACT_THREADED_FROM:
+            return None
+    return 1
 
 
 # --- the decompositions (jitted) -----------------------------------------------------------------
@@ -239,11 +262,13 @@ def decompose(delta, rank: int, *, decomposition: str = "auto", distribute_scale
     rank = min(_check_rank(rank), min(delta.shape))
     method = choose_decomposition(delta.shape, rank, decomposition)
     key = jax.random.key(0) if key is None else key
-    a, b, s, err2, total2 = _lora_kernel(delta, jnp.zeros((), delta.dtype), key, rank, rank=rank, method=method,
-                                         distribute_scale=distribute_scale, transpose=False,
-                                         oversample=oversampling(rank), power_iterations=POWER_ITERATIONS,
-                                         out_dtype=jnp.dtype(delta.dtype).name)
-    return LoraFactors(a, b), _report("matrix", delta.shape, rank, method, "matrix", s, err2, total2)
+    with limit_lapack_threads(lapack_threads([(method, delta.shape)])):
+        a, b, s, err2, total2 = _lora_kernel(delta, jnp.zeros((), delta.dtype), key, rank, rank=rank, method=method,
+                                             distribute_scale=distribute_scale, transpose=False,
+                                             oversample=oversampling(rank), power_iterations=POWER_ITERATIONS,
+                                             out_dtype=jnp.dtype(delta.dtype).name)
+        report = _report("matrix", delta.shape, rank, method, "matrix", s, err2, total2)  # waits for the kernel
+    return LoraFactors(a, b), report
 
 
 def _finite(s: np.ndarray, name: str) -> np.ndarray:
