@@ -757,3 +757,45 @@ def test_kernels_run_under_the_lapack_limit(family, tmp_path, monkeypatch):
     xl.extract_lora(ft, base, rank=4, decomposition="exact")
     assert seen == [("exact", default), ("exact", default)]
     assert blas_threads() == default
+
+
+@pytest.mark.parametrize("rank_by", [None, "energy:0.9"])
+def test_svd_kernels_are_compiled_ahead_in_their_own_thread(tmp_path, caplog, rank_by):
+    """Like a merge's, the extraction's kernels (the first pass's singular values under a rank rule, then
+    the factors) are compiled by the engine's background thread (`jaxmerge.engine._ahead`) before their
+    modules are dispatched: the dispatching thread compiles none of them. A conv (reshaped), a float64
+    pair (narrowed to float32 without x64) and an exact and a randomized shape; the factors equal those of
+    a run without the compiler thread's help (depth 0 compiles in the calling thread too)."""
+    import logging
+
+    from jaxmerge.engine._ahead import THREAD_NAME
+
+    rng = np.random.default_rng(3)
+    # Shapes no other test (or case) uses, so that every kernel compiles here.
+    more = 2 if rank_by else 0
+    shapes = {"conv.weight": (7 + more, 3, 3, 3), "fc.weight": (11 + more, 13), "big.weight": (197 + more, 211),
+              "wide.weight": (9 + more, 17)}
+    dtypes = {"wide.weight": np.float64}
+    base = {k: rng.standard_normal(s).astype(dtypes.get(k, np.float32)) for k, s in shapes.items()}
+    ft = {k: v + rng.standard_normal(v.shape).astype(v.dtype) for k, v in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    jax.config.update("jax_log_compiles", True)  # globally: `jax.log_compiles()` holds for its own thread only
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            plan = xl.extract_lora_adapter(tmp_path / "ft.safetensors", tmp_path / "base.safetensors",
+                                           tmp_path / "lora", max_rank=8, rank_by=rank_by, warn=lambda line: None)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert {r.decomposition for r in plan.reports} == {"exact", "randomized"}
+    names = ("Compiling jit(_lora_kernel)", "Compiling jit(_singular_values)")
+    kernels = [r for r in caplog.records if r.getMessage().startswith(names)]
+    assert len(kernels) == len(shapes) * (2 if rank_by else 1), [r.getMessage()[:60] for r in kernels]
+    assert {r.threadName for r in kernels} == {THREAD_NAME}
+    serial = xl.extract_lora_adapter(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", tmp_path / "serial",
+                                     max_rank=8, rank_by=rank_by, warn=lambda line: None, depth=0)
+    assert plan.ranks == serial.ranks
+    assert load_file(str(tmp_path / "lora" / "adapter_model.safetensors")).keys() == \
+        load_file(str(tmp_path / "serial" / "adapter_model.safetensors")).keys()
+    for name, value in load_file(str(tmp_path / "lora" / "adapter_model.safetensors")).items():
+        np.testing.assert_array_equal(value, load_file(str(tmp_path / "serial" / "adapter_model.safetensors"))[name])

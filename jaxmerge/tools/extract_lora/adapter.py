@@ -3,15 +3,18 @@ adapter_model.safetensors, and the config, card and report, in a directory that 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from jaxmerge import __version__
+from jaxmerge.engine._ahead import AheadCompiler
 from jaxmerge.engine._atomic import atomic_directory, stop_if_terminated
 from jaxmerge.engine._pipeline import run_ordered
 from jaxmerge.engine.lapack_threads import limit_lapack_threads
@@ -42,6 +45,35 @@ def _kernel_args(w: _Work, ft_arr: np.ndarray, base_arr: np.ndarray):
     return _host(ft_arr), _host(base_arr)
 
 
+def _kernel_specs(w: _Work, ft: TensorSource, base: TensorSource) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The shapes and dtypes `_kernel_args` gives module `w`'s kernel, from the checkpoints' headers."""
+    specs = []
+    for source in (ft, base):
+        info = source.tensors[w.tensor]
+        dtype = DTYPES[info.dtype]
+        if dtype == np.float64 and not jax.config.jax_enable_x64:
+            dtype = np.dtype(np.float32)
+        specs.append(jax.ShapeDtypeStruct(w.shape if w.kind == "conv" else info.shape, dtype))
+    return tuple(specs)
+
+
+def _compiler(items: Sequence[_Work], ft: TensorSource, base: TensorSource,
+              call: Callable[[_Work, Any, Any], Any]) -> tuple[AheadCompiler, dict[str, Hashable]]:
+    """Each decomposed module's kernel, `call(w, ft_array, base_array)`, compiled on abstract inputs in a
+    background thread, in order, while the first tensors are read (the engine's `AheadCompiler`); and each
+    module's signature to wait for (modules of one shape, dtype, rank and method share a kernel)."""
+    signatures: dict[str, Hashable] = {}
+    jobs = []
+    for w in items:
+        if w.action != "lora":
+            continue
+        specs = _kernel_specs(w, ft, base)
+        signatures[w.module] = (tuple((spec.shape, spec.dtype.name) for spec in specs), w.kind, w.method,
+                                w.cap or w.rank, tuple(out.dtype for out in w.outputs))
+        jobs.append((signatures[w.module], functools.partial(jax.eval_shape, functools.partial(call, w), *specs)))
+    return AheadCompiler(jobs), signatures
+
+
 def _first_pass(plan: ExtractionPlan, ft: TensorSource, base: TensorSource, key, rule: RankRule, sv_epsilon: float,
                 progress: Callable[[_Work], None], depth: int) -> None:
     """Fix every module's rank from its singular values (the rank rules and --sv-epsilon).
@@ -58,10 +90,16 @@ def _first_pass(plan: ExtractionPlan, ft: TensorSource, base: TensorSource, key,
     def read(w: _Work):
         return _kernel_args(w, ft.read_host(w.tensor), base.read_host(w.tensor))
 
-    def dispatch(w: _Work, arrays):
-        return svd._singular_values(*arrays, path_key(key, w.module), rank=w.rank, method=w.method,
+    def singular_values(w: _Work, ft_arr, base_arr):
+        return svd._singular_values(ft_arr, base_arr, path_key(key, w.module), rank=w.rank, method=w.method,
                                     transpose=w.kind == "embedding", oversample=oversampling(w.rank),
                                     power_iterations=POWER_ITERATIONS)
+
+    ahead, signatures = _compiler(lora, ft, base, singular_values)
+
+    def dispatch(w: _Work, arrays):
+        ahead.wait(signatures[w.module])
+        return singular_values(w, *arrays)
 
     def write(w: _Work, result) -> None:
         s, total2 = result
@@ -71,7 +109,8 @@ def _first_pass(plan: ExtractionPlan, ft: TensorSource, base: TensorSource, key,
         spectra[w.module] = Spectrum(_finite(np.asarray(s), f"tensor {w.tensor}"), total2, sum(w.shape))
         progress(w)
 
-    run_ordered(lora, read, dispatch, write, depth=depth, between=stop_if_terminated)
+    with ahead:
+        run_ordered(lora, read, dispatch, write, depth=depth, between=stop_if_terminated)
     ranks = choose_ranks(rule, spectra, sv_epsilon)
     kept: list[_Work] = []
     for w in plan.work:
@@ -181,20 +220,25 @@ def _extract(plan: ExtractionPlan, ft: TensorSource, base_src: TensorSource, key
             return (ft.read_host(w.tensor),)
         return ft.read_host(w.tensor), base_src.read_host(w.tensor)
 
-    def dispatch(w: _Work, arrays):
-        if w.action == "save":
-            return arrays[0]
-        if w.action == "bias":
-            ft_arr, base_arr = arrays
-            return (ft_arr.astype(np.float64) - base_arr.astype(np.float64)).astype(DTYPES[w.outputs[0].dtype])
-        ft_arr, base_arr = _kernel_args(w, *arrays)
+    def factors(w: _Work, ft_arr, base_arr):
         cap = w.cap or w.rank
         return svd._lora_kernel(ft_arr, base_arr, path_key(key, w.module), w.rank, rank=cap, method=w.method,
                                 distribute_scale=distribute_scale, transpose=w.kind == "embedding",
                                 oversample=oversampling(cap), power_iterations=POWER_ITERATIONS,
                                 out_dtype=DTYPES[w.outputs[0].dtype].name)
 
-    with atomic_directory(plan.output, force=force, expected_bytes=total) as tmp, tqdm(
+    ahead, signatures = _compiler(plan.work, ft, base_src, factors)
+
+    def dispatch(w: _Work, arrays):
+        if w.action == "save":
+            return arrays[0]
+        if w.action == "bias":
+            ft_arr, base_arr = arrays
+            return (ft_arr.astype(np.float64) - base_arr.astype(np.float64)).astype(DTYPES[w.outputs[0].dtype])
+        ahead.wait(signatures[w.module])
+        return factors(w, *_kernel_args(w, *arrays))
+
+    with atomic_directory(plan.output, force=force, expected_bytes=total) as tmp, ahead, tqdm(
         total=total, unit="B", unit_scale=True, desc="extracting", disable=not progress
     ) as bar:
         writer = ShardWriter(tmp / "adapter_model.safetensors", infos, metadata)

@@ -9,7 +9,6 @@ power-iteration rule and its measured error).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmerge.core._kernels import kernel
 from jaxmerge.engine.lapack_threads import limit_lapack_threads
 from jaxmerge.formats.safetensors_io import CheckpointError
 
@@ -141,8 +141,8 @@ def _svd(x, key, rank, method, oversample, power_iterations):
     return _randomized_svd(x, key, rank, oversample, power_iterations)[:3]
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "method", "distribute_scale", "transpose", "oversample",
-                                             "power_iterations", "out_dtype"))
+@kernel(static_argnames=("rank", "method", "distribute_scale", "transpose", "oversample", "power_iterations",
+                         "out_dtype"))
 def _lora_kernel(finetuned, base, key, keep, *, rank, method, distribute_scale, transpose, oversample,
                  power_iterations, out_dtype):
     """(A, B, singular values, ||delta - B A||^2, ||delta||^2) for one matrix; the error is the saved factors'.
@@ -168,7 +168,7 @@ def _lora_kernel(finetuned, base, key, keep, *, rank, method, distribute_scale, 
     return a, b, s, jnp.sum(residual * residual), jnp.sum(x * x)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "method", "transpose", "oversample", "power_iterations"))
+@kernel(static_argnames=("rank", "method", "transpose", "oversample", "power_iterations"))
 def _singular_values(finetuned, base, key, *, rank, method, transpose, oversample, power_iterations):
     """(the top `rank` singular values of the delta, ||delta||_F^2): the first pass of the rank rules
     and --sv-epsilon, with the same sketch as `_lora_kernel`'s (same key), hence the same values."""
