@@ -28,8 +28,11 @@ Sizes: "default" is TinyLlama's width (hidden 2048, intermediate 5632, 32 heads,
 vocabulary 32000) with 2 layers instead of 22: on this 2-core VM one full SVD of a 5632 x 2048
 matrix took ~37 s with torch when measured under load, so a 22-layer mergekit run would take over
 an hour and the default 2 layers keep one mergekit run to ~6 minutes (the whole default run, 3
-rounds of 3 ranks, about an hour; use --rounds 1 for a quicker look). Every layer is alike, so
-times scale with --layers. "tiny" (hidden 64, 2 layers) is the smoke test's size.
+rounds of 3 ranks, about an hour; use --rounds 1 for a quicker look). Every layer is alike, so the
+SVD time of both tools scales with --layers, but jaxmerge compiles each matrix shape once whatever
+the depth: 2 layers understate the first run's speed-up. `--layers 22` is TinyLlama-1.1B's depth
+(mergekit took ~5 minutes a run on a faster host of 2026-12-06; results/extract_lora_tinyllama.json).
+"tiny" (hidden 64, 2 layers) is the smoke test's size.
 
 The load average (`os.getloadavg`) before and after is recorded. Results go to
 benchmarks/results/extract_lora.json (machine, date, command), a Markdown table beside it
