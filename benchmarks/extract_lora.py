@@ -25,9 +25,9 @@ embeddings whole), with the scaling s = alpha / r each adapter's config gives; t
 error is kept too. The two adapters must decompose the same modules, or the run fails.
 
 Sizes: "default" is TinyLlama's width (hidden 2048, intermediate 5632, 32 heads, 4 KV heads,
-vocabulary 32000) with 2 layers instead of 22: on this 2-core VM one full SVD of a 5632 x 2048
-matrix took ~37 s with torch when measured under load, so a 22-layer mergekit run would take over
-an hour and the default 2 layers keep one mergekit run to ~6 minutes (the whole default run, 3
+vocabulary 32000) with 2 layers instead of 22: on the slower hosts this 2-core VM had before
+2026-12-06's afternoon one full SVD of a 5632 x 2048 matrix took ~37 s with torch under load, a
+22-layer mergekit run over an hour, and the default 2 layers kept one mergekit run to ~6 minutes (the whole default run, 3
 rounds of 3 ranks, about an hour; use --rounds 1 for a quicker look). Every layer is alike, so the
 SVD time of both tools scales with --layers, but jaxmerge compiles each matrix shape once whatever
 the depth: 2 layers understate the first run's speed-up. `--layers 22` is TinyLlama-1.1B's depth

@@ -81,9 +81,11 @@ sketch of each module is drawn from `fold_in(key(seed), crc32(module name))`.
 Threads: on the CPU, the factorizations inside the kernels (QR, eigh, SVD) run on SciPy's LAPACK,
 whose thread pool competes with XLA's for the cores. A run whose decompositions are all randomized,
 or exact on matrices under 512 on their smaller side, limits LAPACK to one thread for its length
-(`lapack_threads`, `jaxmerge.engine.lapack_threads`): on the 2-core CI VM that made the randomized
-kernel 1.3-1.8x faster and the whole rank-64 benchmark run 3.3-3.4 s -> 2.6-2.9 s; an exact SVD of
-a larger matrix is all LAPACK and keeps its threads (a 2048 x 2048 one ran 1.4x slower on one).
+(`lapack_threads`, `jaxmerge.engine.lapack_threads`; measured on 2 cores only). On the 2-core CI VM
+that made the randomized kernel 1.3-1.8x faster, and the rank-64 benchmark's cached run took
+2.53-2.76 s with LAPACK on one thread against 3.33-4.30 s without (three runs each, alternating); an
+exact SVD of a larger matrix is all LAPACK and keeps its threads (a 2048 x 2048 one ran 1.4x slower
+on one).
 
 Ranks from the spectrum (beyond mergekit; `rank_rule`, `choose_ranks`): `--rank-by energy:F`
 keeps, per module, the smallest rank whose singular values hold >= F of the task vector's
