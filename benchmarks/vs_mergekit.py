@@ -155,11 +155,17 @@ def write_recipe(path: Path, method: str, base: Path, models: list[Path], dtype:
     if spec.max_models is not None:
         models = models[: spec.max_models - uses_base]
     params = PARAMS.get(method, {})
+    # One value for the merge (mergekit's shared parameters, e.g. nearswap's t, sce's select_topk) at the
+    # top: mergekit does not read those from a model's entry ("Missing required parameter").
+    scopes = {p.name: p.scope for p in spec.params}
+    shared = {k: v for k, v in params.items() if scopes.get(k) is table.Scope.SHARED}
     lines = [f"merge_method: {method}", f"dtype: {dtype}"] + ([f"base_model: {base}"] if uses_base else [])
+    if shared:
+        lines += ["parameters:"] + [f"  {k}: {v}" for k, v in shared.items()]
     lines.append("models:")
     for i, m in enumerate(models):
         lines.append(f"  - model: {m}")
-        per_model = {k: (v[i] if isinstance(v, list) else v) for k, v in params.items()}
+        per_model = {k: (v[i] if isinstance(v, list) else v) for k, v in params.items() if k not in shared}
         if per_model:
             lines.append("    parameters:")
             lines += [f"      {k}: {v}" for k, v in per_model.items()]

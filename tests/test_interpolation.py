@@ -308,6 +308,20 @@ def test_table_mirrors_mergekit_contracts():
         assert mine.base.value == theirs.contract.base.value, name
 
 
+@pytest.mark.parametrize("row_wise,flatten", [(False, True), (False, False), (True, False)])
+def test_nuslerp_of_bfloat16_deltas_writes_no_float32_copy(row_wise, flatten):
+    """nuslerp with a base reads its three bfloat16 inputs three times (norms, cosine, result), each pass
+    taking the deltas itself, so the compiled kernel holds no float32 copy of a delta (it held two)."""
+    import jax
+
+    shape = (512, 256)
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    weights = jax.ShapeDtypeStruct((2,), jnp.float32)
+    compiled = jax.jit(interpolation._nuslerp_kernel, static_argnames=("row_wise", "flatten")).lower(
+        weights, x, x, x, row_wise=row_wise, flatten=flatten).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < math.prod(shape) * 4
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_slerp_of_half_precision_writes_no_float32_copy(dtype):
     """slerp reads its inputs three times (norms, dot, result); each pass widens them itself, so the

@@ -122,28 +122,42 @@ def nuslerp(t, v0, v1, *, row_wise=False, flatten=True):
     Returns:
       The interpolated array, in v0's dtype.
     """
-    cd = compute_dtype(v0.dtype)
-    out_shape, dtype = v0.shape, v0.dtype
-    v0, v1 = v0.astype(cd), v1.astype(cd)
+    return _nuslerp(t, v0, v1, None, row_wise=row_wise, flatten=flatten)
+
+
+def _nuslerp(t, m0, m1, base, *, row_wise, flatten):
+    """`nuslerp` of (m0, m1), or of (m0 - base, m1 - base) added to base, in passes over the inputs (each
+    norm, the cosine, the result) that widen half-precision inputs and take the differences themselves
+    (`separate_pass`): XLA writes no float32 copy of a vector or of the base. Returns base's dtype, else
+    m0's."""
+    anchor = m0 if base is None else base
+    cd, out_shape, dtype = compute_dtype(anchor.dtype), anchor.shape, anchor.dtype
     t = jnp.asarray(t, cd)
-    swap = row_wise and not flatten
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif swap:
-        v0, v1 = jnp.swapaxes(v0, 0, -1), jnp.swapaxes(v1, 0, -1)
+    # The axis of the vectors: the whole tensor flattened, rows (the last axis) or columns (axis 0).
+    axis = 0 if row_wise and not flatten else -1
+    based = () if base is None else (base,)
 
-    def unit(x):
-        return x / jnp.maximum(_norm(x, axis=-1, keepdims=True), NUSLERP_NORM_EPS)
+    def vector(x, *b):
+        x = x.astype(cd)
+        if b:
+            x = x - b[0].astype(cd)
+        return x.reshape(-1) if flatten else x
 
-    cos_theta = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=-1, keepdims=True), -1, 1)
+    def norm(x):  # a pass of its own: a widened base shared by two reductions would be written out
+        return jnp.maximum(_norm(vector(*separate_pass(x, *based)), axis=axis, keepdims=True), NUSLERP_NORM_EPS)
+
+    n0, n1 = norm(m0), norm(m1)
+    a0, a1, *b, n0, n1 = separate_pass(m0, m1, *based, n0, n1)
+    cos_theta = jnp.clip(jnp.sum((vector(a0, *b) / n0) * (vector(a1, *b) / n1), axis=axis, keepdims=True), -1, 1)
     colinear = (1 - cos_theta * cos_theta) <= NUSLERP_EPS**2
     theta = jnp.arccos(jnp.where(colinear, 0, cos_theta))
     sin_theta = _safe(jnp.sin(theta), colinear)
-    spherical = (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / sin_theta
-    result = jnp.where(colinear, (1 - t) * v0 + t * v1, spherical)
-    if swap:
-        result = jnp.swapaxes(result, 0, -1)
-    return result.reshape(out_shape).astype(dtype)
+    x0, x1 = vector(m0, *based), vector(m1, *based)
+    spherical = (jnp.sin((1 - t) * theta) * x0 + jnp.sin(t * theta) * x1) / sin_theta
+    result = jnp.where(colinear, (1 - t) * x0 + t * x1, spherical).reshape(out_shape)
+    if base is not None:
+        result = base.astype(cd) + result
+    return result.astype(dtype)
 
 
 @kernel(static_argnames=("row_wise", "flatten"))
@@ -151,12 +165,7 @@ def _nuslerp_kernel(weights, m0, m1, base, *, row_wise, flatten):
     # mergekit: t = w1 / (w0 + w1), 0.5 when the weights sum to (almost) 0.
     total = weights[0] + weights[1]
     t = jnp.where(jnp.abs(total) < 1e-6, 0.5, weights[1] / _safe(total, total == 0))
-    if base is None:
-        return nuslerp(t, m0, m1, row_wise=row_wise, flatten=flatten)
-    cd = compute_dtype(base.dtype)
-    b = base.astype(cd)
-    delta = nuslerp(t, m0.astype(cd) - b, m1.astype(cd) - b, row_wise=row_wise, flatten=flatten)
-    return (b + delta).astype(base.dtype)
+    return _nuslerp(t, m0, m1, base, row_wise=row_wise, flatten=flatten)
 
 
 def _nuslerp_merge(inputs, base_index, *, key, weight, nuslerp_flatten, nuslerp_row_wise):
