@@ -63,6 +63,22 @@ def test_model_stock_equals_mergekit(shape, filter_wise, n):
           mergekit_merge("model_stock", base, tensors, {"filter_wise": filter_wise}))
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_of_bfloat16_writes_no_float32_copy(filter_wise):
+    """Each norm and inner product of model_stock is a pass of its own over the bfloat16 inputs that takes
+    the offsets itself, so the compiled kernel holds no float32 copy of an offset (it held one per model)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmerge.methods import adaptive
+
+    shape = (512, 256)
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    compiled = jax.jit(adaptive._model_stock_kernel, static_argnames=("filter_wise",)).lower(
+        x, (x, x, x), filter_wise=filter_wise).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < shape[0] * shape[1] * 4
+
+
 def test_model_stock_base_anywhere_and_singular_filter():
     base, tensors = models((8, 16))
     theirs = mergekit_merge("model_stock", base, tensors)

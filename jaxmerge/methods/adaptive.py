@@ -29,7 +29,7 @@ import numpy as np
 from jax import lax
 
 from jaxmerge.core import _validation as v
-from jaxmerge.core._dtypes import compute_dtype, count_dtype
+from jaxmerge.core._dtypes import compute_dtype, count_dtype, separate_pass
 from jaxmerge.core._kernels import kernel
 from jaxmerge.core.selection import kth_largest_magnitude_bits, masked, top_k_magnitude_mask
 from jaxmerge.core.sign import elected_sign, sum_tasks
@@ -82,27 +82,33 @@ def _model_stock(inputs, base_index, *, key, filter_wise):
 @kernel(static_argnames=("filter_wise",))
 def _model_stock_kernel(base, models, *, filter_wise):
     cd = compute_dtype(base.dtype)
-    w0, ws = base.astype(cd), _widened(models, cd)
-    if filter_wise:
-        if w0.ndim <= 1:
-            w0, ws = _as_1d(w0)[None], tuple(_as_1d(w)[None] for w in ws)
-    else:
-        w0, ws = w0.reshape(-1), tuple(w.reshape(-1) for w in ws)
-    offsets = [w - w0 for w in ws]
-    norms = [jnp.sqrt(jnp.sum(d * d, axis=-1)) for d in offsets]
+
+    def shaped(x):  # widened, as filters (rows) or as one vector
+        x = x.astype(cd)
+        if filter_wise:
+            return _as_1d(x)[None] if x.ndim <= 1 else x
+        return x.reshape(-1)
+
+    def offset(model, b):
+        return shaped(model) - shaped(b)
+
+    # Each norm and inner product is a pass of its own over the inputs (`separate_pass`), taking the
+    # offsets itself: XLA writes no float32 copy of an offset (it wrote one per model).
+    norms = [jnp.sqrt(jnp.sum(d * d, axis=-1)) for d in (offset(*separate_pass(m, base)) for m in models)]
     cos = []
-    for i, a in enumerate(offsets):
-        for j in range(i + 1, len(offsets)):
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            a, b, m0 = separate_pass(models[i], models[j], base)
             product = jnp.maximum(norms[i] * norms[j], 1e-6)
-            cos.append(jnp.clip(jnp.sum(a * offsets[j], axis=-1) / product, -1, 1))
+            cos.append(jnp.clip(jnp.sum(offset(a, m0) * offset(b, m0), axis=-1) / product, -1, 1))
     cos_theta = (sum_tasks(cos) / len(cos))[..., None]
-    count = len(ws)
+    count = len(models)
     denominator = 1 + (count - 1) * cos_theta
     # At the singularity mergekit keeps the base for that filter (t = 0).
     singular = jnp.abs(denominator) < 1e-6
     t = jnp.where(singular, 0, count * cos_theta / jnp.where(singular, 1, denominator))
-    average = sum_tasks(list(ws)) / count
-    return (t * average + (1 - t) * w0).reshape(base.shape).astype(base.dtype)
+    average = sum_tasks([shaped(m) for m in models]) / count
+    return (t * average + (1 - t) * shaped(base)).reshape(base.shape).astype(base.dtype)
 
 
 # --- sce ---------------------------------------------------------------------
