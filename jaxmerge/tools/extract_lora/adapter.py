@@ -32,11 +32,14 @@ from jaxmerge.tools.extract_lora.svd import (
 __all__ = ["extract_lora_adapter"]
 
 
+def _host_dtype(dtype: np.dtype) -> np.dtype:
+    """float32 for float64 where JAX does not take float64 (it would narrow it with a warning), else dtype."""
+    return np.dtype(np.float32) if dtype == np.float64 and not jax.config.jax_enable_x64 else dtype
+
+
 def _host(array: np.ndarray) -> np.ndarray:
-    """A float64 array for JAX when it takes float64, else as read (JAX would narrow it with a warning)."""
-    if array.dtype == np.float64 and not jax.config.jax_enable_x64:
-        return array.astype(np.float32)
-    return array
+    """The array as read, in `_host_dtype`."""
+    return array.astype(_host_dtype(array.dtype), copy=False)
 
 
 def _kernel_args(w: _Work, ft_arr: np.ndarray, base_arr: np.ndarray):
@@ -50,10 +53,7 @@ def _kernel_specs(w: _Work, ft: TensorSource, base: TensorSource) -> tuple[jax.S
     specs = []
     for source in (ft, base):
         info = source.tensors[w.tensor]
-        dtype = DTYPES[info.dtype]
-        if dtype == np.float64 and not jax.config.jax_enable_x64:
-            dtype = np.dtype(np.float32)
-        specs.append(jax.ShapeDtypeStruct(w.shape if w.kind == "conv" else info.shape, dtype))
+        specs.append(jax.ShapeDtypeStruct(w.shape if w.kind == "conv" else info.shape, _host_dtype(DTYPES[info.dtype])))
     return tuple(specs)
 
 
