@@ -121,6 +121,20 @@ def test_nuslerp_equals_mergekit(shape, with_base, flatten, row_wise, weights):
     close(got, mergekit_merge("nuslerp", tensors, 0 if with_base else None, params), atol=1e-5)
 
 
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("flatten, row_wise", [(True, False), (False, False), (False, True)])
+def test_nuslerp_of_0d_tensors_equals_mergekit(with_base, flatten, row_wise):
+    """torch reduces a 0-d tensor over dim -1 or 0 as over its one entry, so mergekit merges scalars
+    row- and column-wise too (jaxmerge raised "axis -1 is out of bounds")."""
+    base = np.asarray(rand((), 12), np.float32) if with_base else None
+    models = [np.asarray(rand((), 13), np.float32), np.asarray(rand((), 14, 0.5), np.float32)]
+    params = {"weight": [0.3, 0.7], "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+    got = ours("nuslerp", models, base, **params)
+    tensors = ([base] if with_base else []) + models
+    assert got.shape == ()
+    close(got, mergekit_merge("nuslerp", tensors, 0 if with_base else None, params), atol=1e-6)
+
+
 def test_nuslerp_colinear_rows_fall_back_to_linear():
     a = rand((4, 10), 15)
     b = a * np.array([[2.0], [-1.0], [0.5], [3.0]], np.float32)  # every row colinear
@@ -308,17 +322,19 @@ def test_table_mirrors_mergekit_contracts():
         assert mine.base.value == theirs.contract.base.value, name
 
 
+@pytest.mark.parametrize("with_base", [True, False])
 @pytest.mark.parametrize("row_wise,flatten", [(False, True), (False, False), (True, False)])
-def test_nuslerp_of_bfloat16_deltas_writes_no_float32_copy(row_wise, flatten):
-    """nuslerp with a base reads its three bfloat16 inputs three times (norms, cosine, result), each pass
-    taking the deltas itself, so the compiled kernel holds no float32 copy of a delta (it held two)."""
+def test_nuslerp_of_bfloat16_deltas_writes_no_float32_copy(row_wise, flatten, with_base):
+    """nuslerp reads its bfloat16 inputs in passes (each norm, the cosine, the result), each pass widening
+    them and taking the deltas itself, so the compiled kernel holds no float32 copy of a delta or of a
+    model (it held two)."""
     import jax
 
     shape = (512, 256)
     x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     weights = jax.ShapeDtypeStruct((2,), jnp.float32)
     compiled = jax.jit(interpolation._nuslerp_kernel, static_argnames=("row_wise", "flatten")).lower(
-        weights, x, x, x, row_wise=row_wise, flatten=flatten).compile()
+        weights, x, x, x if with_base else None, row_wise=row_wise, flatten=flatten).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < math.prod(shape) * 4
 
 

@@ -133,6 +133,8 @@ def _nuslerp(t, m0, m1, base, *, row_wise, flatten):
     anchor = m0 if base is None else base
     cd, out_shape, dtype = compute_dtype(anchor.dtype), anchor.shape, anchor.dtype
     t = jnp.asarray(t, cd)
+    # torch reduces a 0-d tensor over dim -1 (or 0) as over its one entry: the flattened vector.
+    flatten = flatten or anchor.ndim == 0
     # The axis of the vectors: the whole tensor flattened, rows (the last axis) or columns (axis 0).
     axis = 0 if row_wise and not flatten else -1
     based = () if base is None else (base,)
