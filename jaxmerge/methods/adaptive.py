@@ -43,10 +43,6 @@ MERGEKIT_PAPER = "Goddard et al., 2024, Arcee's MergeKit, arXiv:2403.13257"
 ARCEE_FUSION_REF = f"Arcee AI, Arcee Fusion (https://arcee.ai, no paper), in {MERGEKIT_PAPER}"
 
 
-def _widened(xs, cd):
-    return tuple(x.astype(cd) for x in xs)
-
-
 def _as_1d(x):
     """A 0-d tensor as one entry (torch reduces a 0-d tensor over dim -1 as over that entry)."""
     return x.reshape(1) if x.ndim == 0 else x
