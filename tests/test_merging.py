@@ -313,3 +313,21 @@ def test_magnitude_kernels_keep_no_tensor_sized_temporaries(sign_method, dtype):
     ).compile()
     one_task_bytes = jnp.dtype(dtype).itemsize * shape[0] * shape[1]
     assert compiled.memory_analysis().temp_size_in_bytes < TEMP_LIMIT[dtype] * one_task_bytes
+
+
+@pytest.mark.parametrize("semantics", ["mergekit", "peft"])
+def test_ties_with_a_base_keeps_no_magnitude_copy(semantics):
+    """The checkpoint path's TIES (models and base in, deltas taken inside the kernel, counts known
+    when it is traced): the float32 deltas are tensor-sized temporaries by necessity (the search
+    loops read them), one more buffer is the loop's, and nothing else. The largest-magnitude pass
+    once reduced an |delta| that XLA:CPU hoisted out of the selection and wrote out whole, one per
+    task (6 float32 tensors here, against 4)."""
+    from jaxmerge.methods.pytree import bind_method, merge_leaf
+
+    spec, bound = bind_method("ties", {"weight": [1.0, 0.5, 0.7], "density": 0.2, "semantics": semantics}, 3, True)
+    shape = (1024, 1024)
+    model = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    compiled = jax.jit(lambda models, base: merge_leaf(list(models), spec, bound, base=base)).lower(
+        (model,) * 3, model).compile()
+    float32_task = 4 * shape[0] * shape[1]
+    assert compiled.memory_analysis().temp_size_in_bytes < 4.5 * float32_task
