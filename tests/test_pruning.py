@@ -162,3 +162,34 @@ def test_uniform_index_is_the_exact_floor_of_word_times_count():
         assert got.min() >= 0 and got.max() < count
     big = np.asarray(_uniform_index(key, (4096,), 70000))  # randint past 2**16
     assert big.min() >= 0 and big.max() < 70000 and len(np.unique(big)) > 3000
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (63, 65), (3, 5, 1024)])
+@pytest.mark.parametrize("seed", [0, 7, 2**31 + 5])
+def test_random_words_are_jax_random_bits(shape, seed):
+    """The fused threefry (`_random.random_words`) is `jax.random.bits` word for word, jitted or not:
+    every seeded DARE or DELLA merge keeps its output."""
+    from jaxmerge.core._random import random_words
+
+    key = jax.random.key(seed)
+    expected = np.asarray(jax.random.bits(key, shape, jnp.uint32))
+    np.testing.assert_array_equal(np.asarray(random_words(key, shape)), expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(random_words, static_argnums=1)(key, shape)), expected)
+    legacy = jax.random.wrap_key_data(jax.random.key_data(key))
+    np.testing.assert_array_equal(np.asarray(random_words(legacy, shape)), expected)
+
+
+def test_random_words_defer_to_jax_for_other_keys_and_counters():
+    """Keys of another implementation and JAX's other counter layout take `jax.random.bits` itself."""
+    from jaxmerge.core import _random
+
+    rbg = jax.random.key(3, impl="rbg")
+    np.testing.assert_array_equal(
+        np.asarray(_random.random_words(rbg, (100,))), np.asarray(jax.random.bits(rbg, (100,), jnp.uint32)))
+    key = jax.random.key(3)
+    assert _random._computes_jax_bits(key, 100)
+    assert not _random._computes_jax_bits(key, 2**32)
+    with jax.threefry_partitionable(False):
+        assert not _random._computes_jax_bits(key, 100)
+        np.testing.assert_array_equal(
+            np.asarray(_random.random_words(key, (4, 33))), np.asarray(jax.random.bits(key, (4, 33), jnp.uint32)))
