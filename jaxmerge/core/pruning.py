@@ -35,8 +35,7 @@ def random_mask(key: jax.Array, density, shape) -> jax.Array:
     dominant cost of DARE: 121 ms instead of 213 ms per 16.7M entries on
     XLA:CPU), stays on threefry (same mask on every backend) and quantises the
     keep probability by at most 2**-17, far below the binomial noise of any
-    tensor under 10**9 entries. The words are computed by `_random.random_words`
-    (the same bits, hashed in the pass that uses them).
+    tensor under 10**9 entries.
 
     Args:
       key: a `jax.random.key`.
@@ -49,25 +48,17 @@ def random_mask(key: jax.Array, density, shape) -> jax.Array:
     return random_levels(key, shape) < _level(density)
 
 
-def random_levels(key: jax.Array, shape, fused: bool = True) -> jax.Array:
+def random_levels(key: jax.Array, shape) -> jax.Array:
     """Uniform integers in [0, 2**16), one per entry of `shape`, two per 32-bit threefry word (uint32).
 
     The flat entries take `concatenate([words & 0xFFFF, words >> 16])[:n]`, with
-    `words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)` (see `random_mask`).
-
-    Args:
-      key: a `jax.random.key`.
-      shape: the levels' shape.
-      fused: the words hashed in the pass that uses them (`_random.random_words`: DARE's mask 5x
-        faster); False: `jax.random.bits`, written out before use, for a pass that gathers
-        (DELLA's): XLA fuses the hash into the gather's loop, which does not vectorise
-        (a 5632 x 2048 della_drop took 0.43 s so, against 0.36 s).
+    `words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)` (see `random_mask`), computed by
+    `_random.random_words` (the same words, hashed in the pass that uses them).
     """
     n = 1
     for dim in shape:
         n *= dim
-    size = ((n + 1) // 2,)
-    words = random_words(key, size) if fused else jax.random.bits(key, size, jnp.uint32)
+    words = random_words(key, ((n + 1) // 2,))
     # The two halves as the rows of a (2, words) array: the concatenation above, without a concatenate
     # (which XLA:CPU fuses into a per-entry branch that does not vectorise: DARE's drop took 2x longer).
     halves = (words[None, :] >> np.asarray([[0], [16]], np.uint32)) & np.uint32(0xFFFF)
@@ -87,7 +78,7 @@ def _uniform_index(key: jax.Array, shape, count: int) -> jax.Array:
     counts take `jax.random.randint` (two words each, exact)."""
     if count >= 1 << 16:
         return jax.random.randint(key, shape, 0, count, jnp.int32)
-    words = jax.random.bits(key, shape, jnp.uint32)
+    words = random_words(key, shape)  # jax.random.bits(key, shape, jnp.uint32)
     c = jnp.uint32(count)
     # floor(word * c / 2**32) in 32-bit arithmetic: (hi * c + floor(lo * c / 2**16)) / 2**16, which
     # stays below 2**32 for c < 2**16.
@@ -173,10 +164,10 @@ def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
     magnitude = jnp.abs(rows.astype(cd))
     d, eps = jnp.asarray(density, cd), jnp.asarray(epsilon, cd)
     band_key, partner_key = jax.random.split(key)
-    # u in 2**16 levels, two entries per random word as DARE's mask (`random_mask`): the random bits
-    # are most of DELLA's time (three words per entry with a float uniform and randint: 0.9 s per
-    # 16.7M entries on 2 cores; 1.5 words here).
-    u, low, high = random_levels(band_key, shape, fused=False), _level(d - eps), _level(d + eps)
+    # u in 2**16 levels, two entries per random word as DARE's mask (`random_mask`): three words per
+    # entry with a float uniform and randint took 0.9 s per 16.7M entries on 2 cores; 1.5 words here.
+    # With the words hashed in the pass (`random_words`) the gather of the partners is most of the time.
+    u, low, high = random_levels(band_key, shape), _level(d - eps), _level(d + eps)
     if shape[1] > 1:
         # A uniform partner among the row's other entries: draw from n - 1 and skip the entry itself.
         column = lax.broadcasted_iota(jnp.int32, shape, 1)
