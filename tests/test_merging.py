@@ -317,11 +317,11 @@ def test_magnitude_kernels_keep_no_tensor_sized_temporaries(sign_method, dtype):
 
 @pytest.mark.parametrize("semantics", ["mergekit", "peft"])
 def test_ties_with_a_base_keeps_no_magnitude_copy(semantics):
-    """The checkpoint path's TIES (models and base in, deltas taken inside the kernel, counts known
-    when it is traced): the float32 deltas are tensor-sized temporaries by necessity (the search
-    loops read them), one more buffer is the loop's, and nothing else. The largest-magnitude pass
-    once reduced an |delta| that XLA:CPU hoisted out of the selection and wrote out whole, one per
-    task (6 float32 tensors here, against 4)."""
+    """TIES with a base inside the caller's jit (models and base in, deltas taken in the kernel, the
+    counts constants of the trace): the float32 deltas are tensor-sized temporaries by necessity (the
+    search loops read them), one more buffer is the loop's, and nothing else. With constant counts
+    the largest-magnitude pass once reduced an |delta| that XLA:CPU hoisted out of the selection and
+    wrote out whole, one per task (6 float32 tensors here, against 4)."""
     from jaxmerge.methods.pytree import bind_method, merge_leaf
 
     spec, bound = bind_method("ties", {"weight": [1.0, 0.5, 0.7], "density": 0.2, "semantics": semantics}, 3, True)
