@@ -164,6 +164,26 @@ def test_della_keep_probability_is_linear_in_rank_and_ties_share_their_mean_rank
     assert abs(lone - (density - eps)) < 0.01, lone
 
 
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_della_draws_the_same_with_a_runtime_density(density):
+    """The words are drawn in a branch taken only for 0 < density < 1 when the density is a runtime
+    value (the CLI's kernels); a constant density folds the branch away. Both give one result, and
+    density 0 and 1 drop everything and nothing."""
+    from jaxmerge.core.pruning import della_drop
+
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((64, 48)), jnp.float32)
+    key = jax.random.key(11)
+    constant = np.asarray(jax.jit(lambda x, k: della_drop(x, density, 0.0 if density in (0, 1) else 0.2, k))(x, key))
+    runtime = np.asarray(jax.jit(della_drop)(x, jnp.float32(density), jnp.float32(0.0 if density in (0, 1) else 0.2), key))
+    np.testing.assert_array_equal(runtime, constant)
+    if density == 0.0:
+        assert not runtime.any()
+    elif density == 1.0:
+        np.testing.assert_array_equal(runtime, np.asarray(x))
+    else:
+        assert 0.2 < np.count_nonzero(runtime) / runtime.size < 0.4
+
+
 def test_della_epsilon_out_of_range_is_one_line():
     base, tensors = models((8, 8))
     with pytest.raises(table.MethodError, match=r"della: epsilon must keep density \+/- epsilon in \(0, 1\)"):

@@ -167,11 +167,19 @@ def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
     # u in 2**16 levels, two entries per random word as DARE's mask (`random_mask`): three words per
     # entry with a float uniform and randint took 0.9 s per 16.7M entries on 2 cores; 1.5 words here.
     # With the words hashed in the pass (`random_words`) the gather of the partners is most of the time.
-    u, low, high = random_levels(band_key, shape), _level(d - eps), _level(d + eps)
+    low, high = _level(d - eps), _level(d + eps)
     if shape[1] > 1:
         # A uniform partner among the row's other entries: draw from n - 1 and skip the entry itself.
+        def draw():
+            return random_levels(band_key, shape), _uniform_index(partner_key, shape, shape[1] - 1)
+
+        def no_draw():  # density 0 or >= 1: nothing random is read (see the last line)
+            return jnp.zeros(shape, jnp.uint32), jnp.zeros(shape, jnp.int32)
+
+        # Drawn in a branch of their own: XLA writes the words out in one vectorised pass there,
+        # instead of hashing inside the gather's loop below, which does not vectorise.
+        u, partner = lax.cond((d > 0) & (d < 1), draw, no_draw)
         column = lax.broadcasted_iota(jnp.int32, shape, 1)
-        partner = _uniform_index(partner_key, shape, shape[1] - 1)
         partner = partner + (partner >= column).astype(jnp.int32)
         other = jnp.take_along_axis(magnitude, partner, axis=1)
         # Inside the band, u's lower half is a coin independent of the partner (fair to within one
@@ -179,6 +187,7 @@ def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
         coin = (u - low) * 2 < high - low
         smaller = (other < magnitude) | ((other == magnitude) & coin)
     else:
+        u = random_levels(band_key, shape)
         smaller = jnp.zeros(shape, bool)  # a row of one entry has rank 0: p = density - epsilon
     keep = (u < low) | ((u < high) & smaller)
     kept = masked(rows, keep)
