@@ -7,7 +7,7 @@ as easy as 1, 2, 3", SC '11) as a loop of five steps over whole arrays (two
 uint32 tensors written and read back per step, after a counter tensor);
 written out round by round, as JAX lowers it for GPUs, XLA fuses the hash
 into one elementwise pass that computes the words where they are used.
-Measured on 2 cores: 25M words, 367 ms through `jax.random.bits`, 45-76 ms here.
+Measured on 2 cores, quiet: 25M words, 249-273 ms through `jax.random.bits`, 47-52 ms here.
 
 The words are `jax.random.bits(key, shape, jnp.uint32)` exactly (a test
 compares them), so no seeded merge changes. That holds for threefry2x32 keys
