@@ -46,6 +46,14 @@ def test_write_recycling_benchmark_times_both_writers(tmp_path):
     assert all(len(s) == 2 and min(s) > 0 for s in result["seconds"].values())
 
 
+def test_fresh_buffers_benchmark_times_both_allocations(tmp_path):
+    from benchmarks import fresh_buffers
+
+    result = fresh_buffers.run(nbytes=5 << 20, rounds=2, gap=0, directory=str(tmp_path))  # and the bytes agreed
+    for seconds in (result["fresh_s"], result["again_s"]):
+        assert set(seconds) == {"numpy", "mapped"} and all(len(s) == 2 and min(s) > 0 for s in seconds.values())
+
+
 @pytest.mark.slow
 def test_extract_lora_benchmark_tiny(tmp_path):
     """Both extractors on a tiny bf16 Llama: timed, and their adapters' errors against the true delta agree."""

@@ -205,6 +205,26 @@ def test_read_host_is_aligned_and_equals_the_library(tmp_path):
         np.testing.assert_array_equal(ours.view(np.uint8), theirs.view(np.uint8))
 
 
+@pytest.mark.parametrize("nbytes", [0, 1000, 8 << 20])
+def test_fresh_buffers_are_aligned_writable_and_adopted_by_jax_without_a_copy(nbytes):
+    import mmap
+
+    import jax
+
+    from jaxmerge.formats import safetensors_io
+
+    buffer = safetensors_io.aligned_empty(nbytes)
+    assert buffer.dtype == np.uint8 and buffer.nbytes == nbytes and (nbytes == 0 or buffer.ctypes.data % 64 == 0)
+    # Large buffers are memory maps, not NumPy memory (which asks for huge pages: see aligned_empty).
+    mapped = isinstance(getattr(buffer.base, "obj", None), mmap.mmap)
+    assert mapped == (nbytes >= safetensors_io._MAPPED_BYTES and safetensors_io._MAP_FLAGS is not None)
+    buffer[:] = 7
+    floats = buffer[: nbytes // 4 * 4].view(np.float32)
+    adopted = jax.device_put(floats, may_alias=True)
+    assert nbytes == 0 or adopted.unsafe_buffer_pointer() == floats.ctypes.data
+    np.testing.assert_array_equal(np.asarray(adopted).view(np.uint8), buffer[: floats.nbytes])
+
+
 def test_input_truncated_after_planning_names_file_and_tensor(tmp_path, monkeypatch):
     models = write_models(tmp_path / "in", n=2)
     real = Checkpoint.read_host
