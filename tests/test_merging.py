@@ -316,18 +316,29 @@ def test_magnitude_kernels_keep_no_tensor_sized_temporaries(sign_method, dtype):
 
 
 @pytest.mark.parametrize("semantics", ["mergekit", "peft"])
-def test_ties_with_a_base_keeps_no_magnitude_copy(semantics):
-    """TIES with a base inside the caller's jit (models and base in, deltas taken in the kernel, the
-    counts constants of the trace): the float32 deltas are tensor-sized temporaries by necessity (the
-    search loops read them), one more buffer is the loop's, and nothing else. With constant counts
-    the largest-magnitude pass once reduced an |delta| that XLA:CPU hoisted out of the selection and
-    wrote out whole, one per task (6 float32 tensors here, against 4)."""
-    from jaxmerge.methods.pytree import bind_method, merge_leaf
+@pytest.mark.parametrize("counts", ["constant", "runtime"])
+def test_ties_with_a_base_writes_out_no_task_vector(semantics, counts):
+    """TIES with a base (models and base in, the deltas taken in the kernel), its counts constants of the
+    caller's trace or runtime values (the CLI's kernels): the selections read the models and the base
+    and take each delta in every pass, so no float32 delta is written out whole. One float32-sized
+    buffer remains, an integer pass of the search's exact path. Before: one delta per task (XLA writes
+    out what enters the search's loop and branches) and, with constant counts, an |delta| per task
+    that XLA:CPU hoisted out of the largest-magnitude pass (6 float32 tensors here)."""
+    from jaxmerge.core.merging import Rule, _merge_kernel
 
-    spec, bound = bind_method("ties", {"weight": [1.0, 0.5, 0.7], "density": 0.2, "semantics": semantics}, 3, True)
+    rule = Rule(sparsify="magnitude", consensus="total", vote="weighted" if semantics == "mergekit" else "pruned",
+                divide="weights" if semantics == "mergekit" else "count")
     shape = (1024, 1024)
     model = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    compiled = jax.jit(lambda models, base: merge_leaf(list(models), spec, bound, base=base)).lower(
-        (model,) * 3, model).compile()
+    k = np.full(3, int(0.2 * shape[0] * shape[1]), np.uint32)
+
+    def merge(models, base, k):
+        return _merge_kernel(models, jnp.asarray([1.0, 0.5, 0.7]), jnp.full(3, 0.2), k, jnp.zeros(3, jnp.uint32),
+                             jnp.zeros(3), jnp.float32(1), None, base, rule=rule)
+
+    if counts == "constant":
+        compiled = jax.jit(lambda models, base: merge(models, base, k)).lower((model,) * 3, model).compile()
+    else:
+        compiled = jax.jit(merge).lower((model,) * 3, model, jax.ShapeDtypeStruct((3,), jnp.uint32)).compile()
     float32_task = 4 * shape[0] * shape[1]
-    assert compiled.memory_analysis().temp_size_in_bytes < 4.5 * float32_task
+    assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * float32_task

@@ -65,6 +65,76 @@ def test_edge_values(values, k, algorithm):
     np.testing.assert_array_equal(np.asarray(fn(x, k)), reference_mask(x, k))
 
 
+# Task vectors given as their terms: `top_k_magnitude_mask(model, k, base=base)` selects on model - base
+# taken in each pass; the mask must be the one of that difference computed whole (as the merge kernels take it).
+difference = jax.jit(lambda m, b: m.astype(jnp.float32) - b.astype(jnp.float32))
+PAIR_ALGORITHMS = {
+    "top_k_magnitude_mask": jax.jit(lambda m, b, k: selection.top_k_magnitude_mask(m, k, base=b)),
+    "bitwise": jax.jit(lambda m, b, k: selection._bitwise_mask((m, b), jnp.asarray(k, count_dtype()))),
+    "counting": jax.jit(lambda m, b, k: selection._counting_mask((m, b), jnp.asarray(k, count_dtype()), False)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(7,), (33, 65), (512, 700)])
+def test_a_difference_selects_as_its_task_vector(dtype, shape):
+    import ml_dtypes
+
+    dt = np.float32 if dtype == "float32" else ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    rng = np.random.default_rng(6)
+    base = (0.02 * rng.standard_normal(shape)).astype(dt)
+    model = (base.astype(np.float32) + 0.01 * rng.standard_normal(shape)).astype(dt)
+    delta = difference(model, base)
+    for density in (0.0, 1e-3, 0.2, 0.5, 0.999, 1.0):
+        k = int(density * delta.size)
+        expected = np.asarray(mask_fn(delta, k))
+        np.testing.assert_array_equal(expected, reference_mask(np.asarray(delta), k))
+        for name, algorithm in PAIR_ALGORITHMS.items():
+            np.testing.assert_array_equal(np.asarray(algorithm(model, base, k)), expected, err_msg=(name, density))
+
+
+@pytest.mark.parametrize(
+    "model, base, k",
+    [
+        ([np.nan, 1, 2, 3], [0, 0, 0, 0], 2),  # NaN in the model ranks first
+        ([1, 2, 3, 4], [0, np.nan, 0, 0], 2),  # NaN in the base
+        ([np.inf, 1, -np.inf, 3], [np.inf, 0, 1, 0], 2),  # inf - inf is NaN; inf - 1 is inf
+        ([3.0e38, 1, 0, 0], [-3.0e38, 0, 0, 0], 1),  # the difference overflows to inf
+        ([2.0**-125, 2.0**-126, 0, 1e-45], [-(2.0**-126), 0, 1e-45, 0], 2),  # near and below the normals
+        ([1e-40, 3e-41, 0, 0], [0, 0, 1e-42, 0], 1),  # subnormal terms only
+        ([5, 5, 5, 5, 1], [1, 1, 1, 1, 1], 2),  # ties in the difference: lowest indices
+        ([1, 2, 3], [1, 2, 3], 2),  # all zero
+    ],
+)
+@pytest.mark.parametrize("algorithm", list(PAIR_ALGORITHMS))
+def test_a_difference_at_edge_values(model, base, k, algorithm):
+    model, base = np.array(model, np.float32), np.array(base, np.float32)
+    expected = np.asarray(mask_fn(difference(model, base), k))
+    assert expected.sum() == k
+    np.testing.assert_array_equal(np.asarray(PAIR_ALGORITHMS[algorithm](model, base, k)), expected)
+
+
+def test_a_difference_with_nan_from_infinite_terms():
+    """inf - inf is NaN although each term is free of NaN: the counts must take the exact integer path
+    (NaN ranks above inf), as they do on the difference computed whole."""
+    rng = np.random.default_rng(8)
+    model = rng.standard_normal((64, 512)).astype(np.float32)
+    base = rng.standard_normal((64, 512)).astype(np.float32)
+    where = rng.random(model.shape) < 0.05
+    model[where], base[where] = np.inf, np.inf
+    for k in (10, int(0.05 * model.size), int(0.2 * model.size)):
+        expected = np.asarray(mask_fn(difference(model, base), k))
+        with np.errstate(invalid="ignore"):  # inf - inf
+            np.testing.assert_array_equal(expected, reference_mask(model - base, k))
+        for name, algorithm in PAIR_ALGORITHMS.items():
+            np.testing.assert_array_equal(np.asarray(algorithm(model, base, k)), expected, err_msg=(name, k))
+
+
+def test_a_difference_needs_terms_of_one_shape():
+    with pytest.raises(ValueError, match="base has shape"):
+        selection.top_k_magnitude_mask(jnp.ones((4, 4)), 3, base=jnp.ones(16))
+
+
 def test_many_ties_in_a_large_tensor():
     # bfloat16-like data: few distinct values, ties everywhere; the tie break crosses rows.
     rng = np.random.default_rng(2)

@@ -22,7 +22,10 @@ search over the float bit patterns instead:
   normal numbers (XLA:CPU flushes subnormals); elsewhere, and when the tensor
   holds NaN, an integer count of the bit patterns is used.
 * Every pass reads the input itself and takes |x| on the fly: no tensor-sized
-  temporary is ever made (see `_magnitude_rows`).
+  temporary is ever made (see `_magnitude_rows`). A task vector `model - base`
+  can be given as its two terms (`top_k_magnitude_mask(model, k, base=base)`):
+  every pass then takes the difference itself, so the task vector is never
+  written out either (XLA writes out whatever enters a loop or a branch).
 
 Ties at the threshold are broken towards the lowest flat index, so exactly k
 entries are kept. Per-row tie counts and a prefix sum inside one row find the
@@ -77,6 +80,20 @@ def flat_rows_shape(n: int) -> tuple[int, int] | None:
     """
     length = _row_length(n)
     return None if length is None else (n // length, length)
+
+
+def _parts(x) -> tuple:
+    """The terms of the values selected on: `(x,)`, or `(model, base)` for the difference model - base."""
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _values(parts: tuple, dtype) -> jax.Array:
+    """The values selected on, in `dtype`: x, or model - base taken in `dtype` (rounded once, as the
+    merge kernels take their task vectors)."""
+    if len(parts) == 1:
+        return parts[0].astype(dtype)
+    model, base = parts
+    return model.astype(dtype) - base.astype(dtype)
 
 
 def _as_rows(a: jax.Array) -> jax.Array:
@@ -136,8 +153,9 @@ def _fast_threshold(threshold_bits, layout: _BitLayout, fast_ok):
 
 
 def _magnitudes(rows, layout: _BitLayout):
-    """|rows| in the layout's float type, computed inside each pass that reads them."""
-    return jnp.abs(rows.astype(layout.float))
+    """|rows| (or |model - base| for a pair of rows) in the layout's float type, computed inside each
+    pass that reads them."""
+    return jnp.abs(_values(_parts(rows), layout.float))
 
 
 def _magnitude_bits(rows, layout: _BitLayout):
@@ -186,8 +204,10 @@ def _sample_start(rows, n: int, k, layout: _BitLayout):
       float32 deltas do not).
     """
     per_axis = int(np.sqrt(_SAMPLE_SIZE))
-    sample = rows[:: max(1, rows.shape[0] // per_axis), :: max(1, rows.shape[1] // per_axis)].reshape(-1)
-    s = sample.size
+    shape = _parts(rows)[0].shape
+    strides = (max(1, shape[0] // per_axis), max(1, shape[1] // per_axis))
+    sample = tuple(r[:: strides[0], :: strides[1]].reshape(-1) for r in _parts(rows))
+    s = sample[0].size
     # Sorting the bit patterns orders the magnitudes (NaN last) and is 5x faster
     # than a float sort on XLA:CPU.
     sample_bits = jnp.sort(_magnitude_bits(sample, layout))
@@ -203,7 +223,7 @@ def _sample_start(rows, n: int, k, layout: _BitLayout):
 
 
 def _max_bits(rows, layout: _BitLayout):
-    """Bit pattern of the largest magnitude (NaN ranks above inf).
+    """Bit pattern of the largest magnitude (NaN ranks above inf), or for a difference an upper bound.
 
     The float max is fast but XLA:CPU flushes subnormals, so it is trusted only
     when it is a normal number (or NaN); otherwise the integer max decides.
@@ -212,16 +232,36 @@ def _max_bits(rows, layout: _BitLayout):
     selection and wrote it out whole before reducing it (a tensor-sized
     temporary and a pass more: 3 x 46 MB per 5632 x 2048 TIES kernel of
     bfloat16 models); a max and a min read the rows themselves.
+
+    For a difference model - base (a pair of rows) the search needs no exact
+    maximum, only a pattern no magnitude exceeds and whether NaN may occur:
+    max|model| + max|base| (each at least the smallest normal, which bounds a
+    flushed subnormal) bounds every |model - base| since rounding is monotone.
+    The two terms are reduced in their own narrow dtype, and the difference,
+    which the caller also computes, has no consumer here that would make XLA
+    write it out. A non-finite bound (NaN or inf in a term, so inf - inf may
+    be NaN, or an overflow) gives the largest pattern, which sends every count
+    to the exact integer path.
     """
-    # Taken in the rows' own dtype (exact: a max is one of the values), widened as scalars. abs of the
-    # scalar clears the sign of a NaN that -min may have set (NaN ranks above inf).
-    largest = jnp.maximum(rows.max().astype(layout.float), -rows.min().astype(layout.float))
-    float_max = lax.bitcast_convert_type(jnp.abs(largest), layout.uint)
+    parts = _parts(rows)
+    if len(parts) == 2:
+        tiny = jnp.asarray(jnp.finfo(layout.float).tiny, layout.float)
+        bound = sum(jnp.maximum(_largest_magnitude(p, layout), tiny) for p in parts)
+        bits = lax.bitcast_convert_type(bound, layout.uint)
+        return jnp.where(bits < layout.inf_bits, bits, jnp.asarray(jnp.iinfo(layout.uint).max >> 1, layout.uint))
+    float_max = lax.bitcast_convert_type(_largest_magnitude(parts[0], layout), layout.uint)
     return lax.cond(
         float_max >= layout.fast_lo_bits,
         lambda: float_max,
         lambda: _magnitude_bits(rows, layout).max(),
     )
+
+
+def _largest_magnitude(x, layout: _BitLayout):
+    """max |x| as a scalar of the layout's float type, from a max and a min taken in x's own dtype (exact:
+    a max is one of the values); NaN if x holds one (abs clears the sign -min may give it), and a
+    subnormal maximum may read as zero (flushed)."""
+    return jnp.abs(jnp.maximum(x.max().astype(layout.float), -x.min().astype(layout.float)))
 
 
 def _signed_diff(x, y):
@@ -232,12 +272,14 @@ def _signed_diff(x, y):
 def _magnitude_rows(x, layout: _BitLayout):
     """The rows every pass reads, and the bit pattern of their largest magnitude.
 
-    The rows hold the signed values and every pass takes |x| itself: an |x|
-    computed once would be a tensor-sized temporary, and inside the search
-    loop XLA hoists it out and copies it into the loop state (measured: +26 ms
-    per 16.7M entries, more than the whole search).
+    The rows hold the signed values (for a difference, both terms' rows: a
+    tuple) and every pass takes |x| itself: an |x| computed once would be a
+    tensor-sized temporary, and inside the search loop XLA hoists it out and
+    copies it into the loop state (measured: +26 ms per 16.7M entries, more
+    than the whole search).
     """
-    rows = _as_rows(x)
+    parts = _parts(x)
+    rows = tuple(_as_rows(p) for p in parts) if len(parts) > 1 else _as_rows(parts[0])
     return rows, _max_bits(rows, layout)
 
 
@@ -440,11 +482,12 @@ def _tie_cut_index(rows, max_bits, threshold, k, layout: _BitLayout, partitioned
     """
     cdt = count_dtype()
     fast_ok = max_bits <= layout.inf_bits
+    shape = _parts(rows)[0].shape
     above = row_counts_at_least(rows, threshold + 1, layout, fast_ok)
     # Every entry is >= 0, so at threshold 0 the whole row counts.
     at_least = lax.cond(
         threshold == 0,
-        lambda: jnp.full(rows.shape[:1], rows.shape[1], cdt),
+        lambda: jnp.full(shape[:1], shape[1], cdt),
         lambda: row_counts_at_least(rows, jnp.maximum(threshold, 1), layout, fast_ok),
     )
     tied = at_least - above
@@ -454,7 +497,7 @@ def _tie_cut_index(rows, max_bits, threshold, k, layout: _BitLayout, partitioned
     rows_bits = _magnitude_bits(rows, layout)
     if partitioned:
         # A masked sum over rows: a dynamic slice would gather a sharded tensor onto every device.
-        row_ids = lax.broadcasted_iota(jnp.int32, rows.shape, 0)
+        row_ids = lax.broadcasted_iota(jnp.int32, shape, 0)
         tied_in_row = ((rows_bits == threshold) & (row_ids == row)).sum(axis=0, dtype=cdt)
     else:
         # One row's slice: no extra pass over the tensor.
@@ -462,7 +505,7 @@ def _tie_cut_index(rows, max_bits, threshold, k, layout: _BitLayout, partitioned
     rank_in_row = jnp.cumsum(tied_in_row, dtype=cdt)
     # Column of the last kept tie, plus one.
     column = jnp.sum(rank_in_row < need - tied_before[row], dtype=cdt) + 1
-    return row.astype(cdt) * rows.shape[1] + column
+    return row.astype(cdt) * shape[1] + column
 
 
 def _flat_index(shape) -> jax.Array:
@@ -480,8 +523,8 @@ def _flat_index(shape) -> jax.Array:
 # once (XLA inlines it back into the kernel): TIES on the six shapes of a Llama traces and lowers
 # in 0.6 s instead of 1.1 s and compiles in 3.8 s instead of 4.1 s on 2 cores.
 @kernel(static_argnames="partitioned")
-def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Array:
-    """Boolean mask with exactly `k` True entries: those of largest |x|.
+def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False, base: jax.Array | None = None) -> jax.Array:
+    """Boolean mask with exactly `k` True entries: those of largest |x| (or |x - base|).
 
     Ties at the threshold are broken towards the lowest flat (row-major) index.
     Unsharded tensors of up to 65536 entries (norms, biases, small models) take
@@ -495,10 +538,17 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
       k: number of entries to keep, a count scalar (traced is fine), 0 <= k <= x.size.
       partitioned: x is sharded over several devices: use only operations that
         partition without gathering x (static; one extra pass in the tie break).
+      base: optional, of x's shape: select on the task vector `x - base`, taken
+        in x's compute dtype (`x.astype(cd) - base.astype(cd)`, as the merge
+        kernels take it) inside every pass: the caller's task vector is then
+        only computed where it is used, never written out whole (a float32
+        tensor per task for bfloat16 models).
 
     Returns:
       A bool array of x's shape.
     """
+    if base is not None and base.shape != x.shape:
+        raise ValueError(f"base has shape {base.shape}, x has {x.shape}")
     n = x.size
     if n == 0:  # nothing to select (PEFT returns the empty tensor)
         return jnp.zeros(x.shape, jnp.bool_)
@@ -508,9 +558,10 @@ def top_k_magnitude_mask(x: jax.Array, k, partitioned: bool = False) -> jax.Arra
             "configuration can represent; enable jax_enable_x64"
         )
     k = jnp.clip(jnp.asarray(k).astype(count_dtype()), 0, n)
+    parts = (x,) if base is None else (x, base)
     if n <= _BITWISE_MAX and not partitioned:  # its flat prefix sum would gather a sharded x
-        return _bitwise_mask(x, k)
-    return _counting_mask(x, k, partitioned)
+        return _bitwise_mask(parts, k)
+    return _counting_mask(parts, k, partitioned)
 
 
 
@@ -519,9 +570,10 @@ def _bitwise_mask(x: jax.Array, k) -> jax.Array:
     pattern T is built one bit at a time from the top (keep a bit where count(bits >= T) >= k still
     holds: one counting pass per bit), then the entries tied at T are kept in flat order by a
     prefix sum. No sample, no bracket, no branches: a program a fraction of the search's size."""
-    layout = _BitLayout(compute_dtype(x.dtype))
+    parts = _parts(x)
+    layout = _BitLayout(compute_dtype(parts[0].dtype))
     cdt = count_dtype()
-    bits = _magnitude_bits(x.reshape(-1), layout)
+    bits = _magnitude_bits(tuple(p.reshape(-1) for p in parts), layout)
     width = 8 * layout.uint.itemsize - 1  # |x| has a clear sign bit
     wanted = jnp.maximum(k, 1)  # k == 0 keeps nothing below (no entry lies above the largest)
     one = jnp.ones((), layout.uint)
@@ -535,15 +587,17 @@ def _bitwise_mask(x: jax.Array, k) -> jax.Array:
     tied = bits == threshold
     need = k - jnp.sum(above, dtype=cdt)  # 0 <= need: fewer than `wanted` entries lie above T
     keep = above | (tied & (jnp.cumsum(tied, dtype=cdt) <= need))
-    return keep.reshape(x.shape)
+    return keep.reshape(parts[0].shape)
 
 
 def _counting_mask(x: jax.Array, k, partitioned: bool) -> jax.Array:
-    """`top_k_magnitude_mask` by the search of the module docstring, k a clipped count."""
-    n = x.size
+    """`top_k_magnitude_mask` by the search of the module docstring, k a clipped count; x an array or
+    a (model, base) pair."""
+    first = _parts(x)[0]
+    shape, n = first.shape, first.size
     cdt = count_dtype()
     # Half-precision values are widened inside each pass, never copied whole.
-    layout = _BitLayout(compute_dtype(x.dtype))
+    layout = _BitLayout(compute_dtype(first.dtype))
     uint = layout.uint
     never = jnp.asarray(n, cdt)  # a cut index past the end: no tie is dropped
 
@@ -568,7 +622,7 @@ def _counting_mask(x: jax.Array, k, partitioned: bool) -> jax.Array:
     threshold, cut = lax.cond((k == 0) | (k >= n), trivial, select)
     # Entries tied at the threshold from the cut on need one more unit to pass.
     bits = _magnitude_bits(x, layout)
-    above_cut = (_flat_index(x.shape) >= cut).astype(uint)
+    above_cut = (_flat_index(shape) >= cut).astype(uint)
     # |x| has a clear sign bit, so no pattern reaches the all-ones "nothing" threshold.
     return bits >= threshold + above_cut
 
