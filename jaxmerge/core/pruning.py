@@ -119,16 +119,10 @@ def keep_magnitude_band(x: jax.Array, k, k_top, partitioned: bool = False) -> ja
     Two exact linear-time selections (`jaxmerge.core.selection`): the
     `k_top + k` largest, less the `k_top` largest outliers.
     """
-    return masked(x, magnitude_band_mask(x, k, k_top, partitioned))
-
-
-def magnitude_band_mask(x: jax.Array, k, k_top, partitioned: bool = False, base: jax.Array | None = None) -> jax.Array:
-    """`keep_magnitude_band`'s mask; with `base`, of the task vector `x - base` (see
-    `selection.top_k_magnitude_mask`)."""
     cdt = jnp.asarray(k).dtype
-    upper = top_k_magnitude_mask(x, jnp.asarray(k, cdt) + jnp.asarray(k_top, cdt), partitioned, base)
-    outliers = top_k_magnitude_mask(x, k_top, partitioned, base)
-    return upper & ~outliers
+    upper = top_k_magnitude_mask(x, jnp.asarray(k, cdt) + jnp.asarray(k_top, cdt), partitioned)
+    outliers = top_k_magnitude_mask(x, k_top, partitioned)
+    return masked(x, upper & ~outliers)
 
 
 def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
