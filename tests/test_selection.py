@@ -290,3 +290,34 @@ def test_fast_count_is_exact_at_extreme_thresholds():
         counts = selection.row_counts_at_least(jnp.asarray(rows), jnp.uint32(tb), layout, jnp.asarray(True))
         expected = (np.abs(rows).view(np.uint32) >= tb).sum(axis=1)
         np.testing.assert_array_equal(np.asarray(counts), expected, err_msg=f"threshold bits {tb:#x}")
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["array", "difference"])
+def test_tie_counts_are_exact_in_and_out_of_the_fast_range(pair):
+    """`row_counts_tied` counts |x| == t per row in one pass (fast: the indicator at t less the one at
+    next(t); elsewhere integer bits): exact at t = 0, subnormal t, the smallest fast threshold, binade
+    edges, the largest finite value (next(t) is inf: integer path), inf and NaN present."""
+    layout = selection._BitLayout(jnp.float32)
+    as_bits = lambda f: int(np.float32(f).view(np.uint32))  # noqa: E731
+    largest = np.finfo(np.float32).max
+    tiny_sub = np.float32(1e-40)
+    for t in (np.float32(0), tiny_sub, np.uint32(layout.fast_lo_bits).view(np.float32), np.float32(1.0),
+              np.float32(2.0), np.nextafter(np.float32(2.0), np.float32(0)), largest, np.float32(np.inf)):
+        tb = as_bits(abs(t))
+        t_next = np.uint32(min(tb + 1, as_bits(np.inf))).view(np.float32)
+        t_prev = np.uint32(max(tb - 1, 0)).view(np.float32)
+        rows = np.stack([
+            np.full(4096, t), np.full(4096, -t), np.full(4096, t_prev),
+            np.resize(np.array([t, -t_next, t_prev, 0.0, -t, largest, tiny_sub], np.float32), 4096),
+        ]).astype(np.float32)
+        with_nan = rows.copy()
+        with_nan[3, 5] = np.nan
+        for data, fast_ok in ((rows, True), (with_nan, False)):
+            x = jnp.asarray(data)
+            if pair:  # the difference as XLA takes it (a subnormal difference may be flushed to zero)
+                rows_in, data = (x, jnp.zeros_like(x)), np.asarray(difference(x, jnp.zeros_like(x)))
+            else:
+                rows_in = x
+            counts = selection.row_counts_tied(rows_in, jnp.uint32(tb), layout, jnp.asarray(fast_ok))
+            expected = (np.abs(data).view(np.uint32) == tb).sum(axis=1)
+            np.testing.assert_array_equal(np.asarray(counts), expected, err_msg=f"t={t!r}")
