@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dir", default=None, help="where to put the file read (default: the temp dir)")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "fresh_buffers.json"))
     args = parser.parse_args(argv)
+    from benchmarks.vs_mergekit import machine_line
+
     result = run(int(args.mb * (1 << 20)), args.rounds, args.gap, args.dir)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine_line(),
+              "command": "python -m benchmarks.fresh_buffers " + " ".join(argv if argv is not None else sys.argv[1:]),
+              **result}
     f, a = result["median_fresh_s"], result["median_again_s"]
     print(f"{result['mb']:.0f} MB, medians of {args.rounds} alternating rounds: fresh numpy {f['numpy']:.3f} s, "
           f"mapped {f['mapped']:.3f} s ({f['numpy'] / f['mapped']:.1f}x); again numpy {a['numpy']:.3f} s, "

@@ -328,6 +328,14 @@ def _bench_processes(data: dict) -> str:
             + _table(["run", "median wall s", "peak RSS GB (largest process)"], rows))
 
 
+def _bench_fresh_buffers(data: dict) -> str:
+    rows = [[k, data["median_fresh_s"][k], data["median_again_s"][k], ", ".join(f"{s:.3f}" for s in data["fresh_s"][k])]
+            for k in data["median_fresh_s"]]
+    return (f"{data['mb']:.0f} MB read into a fresh buffer, then again into it; {data['rounds']} alternating rounds, "
+            f"each a fresh process, {data['gap_s']:g} s apart.\n\n"
+            + _table(["buffer", "median s, fresh", "median s, again", "every round s, fresh"], rows))
+
+
 def _bench_write_recycling(data: dict) -> str:
     med = data["median_s"]
     rows = [[k, v, ", ".join(f"{s:.2f}" for s in data["seconds"][k])] for k, v in med.items()]
@@ -374,6 +382,8 @@ def _render_bench(path: Path) -> str:
         render = _bench_processes
     elif "median_s" in data and "seconds" in data:
         render = _bench_write_recycling
+    elif "median_fresh_s" in data:
+        render = _bench_fresh_buffers
     else:
         render = _bench_generic
     try:
