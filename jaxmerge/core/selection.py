@@ -167,7 +167,8 @@ def row_counts_at_least(rows, threshold_bits, layout: _BitLayout, fast_ok):
 
     Args:
       rows: values shaped (R, L), padded with zeros if needed (zeros are
-        never counted: thresholds are >= 1).
+        never counted: thresholds are >= 1); or a (model, base) pair of such
+        rows, counted on their difference.
       threshold_bits: unsigned scalar, >= 1.
       layout: the float type's constants.
       fast_ok: bool scalar, False when the tensor holds NaN.
@@ -197,6 +198,13 @@ def row_counts_tied(rows, threshold_bits, layout: _BitLayout, fast_ok):
     (`_at_least_indicator`), so 0 or 1 exactly: one pass instead of two counts
     at t and at next(t). Where either threshold is outside the fast range
     (t = 0 included), an integer comparison of the bit patterns.
+
+    Args:
+      rows, layout, fast_ok: as `row_counts_at_least` (at t = 0 the padding zeros count).
+      threshold_bits: unsigned scalar.
+
+    Returns:
+      (R,) counts in `count_dtype()`.
     """
     cdt = count_dtype()
 
