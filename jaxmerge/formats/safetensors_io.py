@@ -243,9 +243,9 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     asks for transparent huge pages on large arrays (madvise), and where the
     kernel's `transparent_hugepage/defrag` is `madvise` (Debian's and Ubuntu's
     default) each huge-page fault may first compact memory. Reading a 262 MB
-    tensor pair into a fresh buffer, on the 2-core VM: 0.54-0.68 s into NumPy
-    memory, 0.14-0.16 s into the map (0.03-0.06 s into either once touched);
-    `benchmarks/fresh_buffers.py`.
+    tensor pair into a fresh buffer, on the 2-core VM (medians of 7 fresh
+    processes): 0.57 s into NumPy memory, 0.11 s into the map (0.04 and 0.02 s
+    into the same buffers once touched); `benchmarks/fresh_buffers.py`.
     """
     if nbytes >= _MAPPED_BYTES and _MAP_FLAGS is not None:
         # Page-aligned; unmapped when the last array viewing it is collected.
