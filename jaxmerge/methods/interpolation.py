@@ -192,31 +192,60 @@ def _check_nuslerp(bound, num_inputs):
 
 @kernel(static_argnames=("normalize_weights",))
 def _multislerp_kernel(tensors, weights, base, eps, *, normalize_weights):
+    """mergekit's `multislerp` of `tensors` (minus `base`, added back), in passes over the inputs.
+
+    mergekit maps the units u_i = x_i / (|x_i| + eps) to the tangent plane at
+    their normalised weighted mean m = s / |s|, s = sum_i w_i u_i, sums the
+    projections u_i - <u_i, m> m with the weights and maps that sum back with
+    the exponential map, scaled by sum_i w_i |x_i|. The weighted sum of the
+    projections is the projection of s, which lies along m: it is zero, its
+    norm plus eps is eps, and the result is
+
+        cos(eps) (sum_i w_i |x_i|) s / |s|,   s = sum_i (w_i / (|x_i| + eps)) x_i.
+
+    mergekit computes the zero and keeps its rounding noise; this closed form
+    needs one pass per model for its norm, one for |s| and one for the result,
+    each widening half-precision inputs and subtracting the base itself
+    (`separate_pass`): no float32 copy of a model, a unit vector or the base.
+
+    Args:
+      tensors: the models (2 or more), same shape and dtype.
+      weights: float array (len(tensors),).
+      base: the base (same shape) or None.
+      eps: mergekit's eps (added to every norm; a weighted mean of units
+        shorter than eps is degenerate).
+      normalize_weights: divide the weights by their sum first.
+
+    Returns:
+      (the result in the models' dtype, degenerate: |s| < eps, where two models
+      fall back to w_0 x_0 + w_1 x_1 as in mergekit, which raises for more).
+    """
     cd = compute_dtype(tensors[0].dtype)
-    shape, dtype = tensors[0].shape, tensors[0].dtype
-    flat = [x.reshape(-1).astype(cd) for x in tensors]
-    if base is not None:
-        b = base.reshape(-1).astype(cd)
-        flat = [x - b for x in flat]
+    shape, dtype, n = tensors[0].shape, tensors[0].dtype, len(tensors)
+    based = () if base is None else (base,)
+
+    def vector(x, *b):  # x - base, widened, flat
+        x = x.reshape(-1).astype(cd)
+        return x - b[0].reshape(-1).astype(cd) if b else x
+
+    def weighted_sum(coefs, xs, *b):
+        return sum(c * vector(x, *b) for c, x in zip(coefs, xs))
+
     w = weights.astype(cd)
     if normalize_weights:
         w = w / jnp.sum(w)
     eps = jnp.asarray(eps, cd)
-    norms = [_norm(x) for x in flat]
-    units = [x / (n + eps) for x, n in zip(flat, norms)]
-    mean = sum(w[i] * u for i, u in enumerate(units))
-    mean_norm = _norm(mean)
+    norms = [_norm(vector(*separate_pass(x, *based))) for x in tensors]
+    coefs = [w[i] / (norms[i] + eps) for i in range(n)]  # s = sum_i coefs_i x_i
+    passed = separate_pass(*tensors, *based, *coefs)
+    mean_norm = _norm(weighted_sum(passed[n + len(based) :], passed[:n], *passed[n : n + len(based)]))
     degenerate = mean_norm < eps
-    mean = mean / _safe(mean_norm, degenerate)
-    # Log map at the normalised weighted mean, weighted sum, exponential map back.
-    tangent = sum(w[i] * (u - jnp.sum(u * mean) * mean) for i, u in enumerate(units))
-    tangent_norm = _norm(tangent) + eps
-    result = mean * jnp.cos(tangent_norm) + tangent * (jnp.sin(tangent_norm) / tangent_norm)
-    result = result * sum(w[i] * n for i, n in enumerate(norms))
-    if len(flat) == 2:  # mergekit's fallback for a zero weighted mean: linear interpolation
-        result = jnp.where(degenerate, w[0] * flat[0] + w[1] * flat[1], result)
+    scale = jnp.cos(eps) * sum(w[i] * norms[i] for i in range(n)) / _safe(mean_norm, degenerate)
+    result = weighted_sum([scale * c for c in coefs], tensors, *based)
+    if n == 2:  # mergekit's fallback for a zero weighted mean: linear interpolation
+        result = jnp.where(degenerate, weighted_sum(w, tensors, *based), result)
     if base is not None:
-        result = result + b
+        result = result + base.reshape(-1).astype(cd)
     return result.reshape(shape).astype(dtype), degenerate
 
 
