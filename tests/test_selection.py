@@ -65,6 +65,22 @@ def test_edge_values(values, k, algorithm):
     np.testing.assert_array_equal(np.asarray(fn(x, k)), reference_mask(x, k))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("with_base", [False, True], ids=["array", "difference"])
+def test_nan_ranks_first_in_a_large_tensor(dtype, with_base):
+    """NaN ranks above inf in tensors large enough for XLA:CPU's vectorised max and min reductions,
+    which may skip NaN (a float32 NaN read as max inf, so the search took its counts' fast path
+    and kept 3 entries for k = 1): a summing pass finds it."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((1024, 2048)), dtype).at[3, 5].set(jnp.nan).at[700, 9].set(jnp.nan)
+    x = x.at[5, 5].set(jnp.inf)
+    base = jnp.asarray(0.5 * rng.standard_normal((1024, 2048)), dtype) if with_base else None
+    values = np.asarray(difference(x, base if with_base else jnp.zeros_like(x)))
+    for k in (1, 2, 3, 4, 1000):
+        got = selection.top_k_magnitude_mask(x, k, base=base)
+        np.testing.assert_array_equal(np.asarray(got), reference_mask(values, k), err_msg=f"k={k}")
+
+
 # Task vectors given as their terms: `top_k_magnitude_mask(model, k, base=base)` selects on model - base
 # taken in each pass; the mask must be the one of that difference computed whole (as the merge kernels take it).
 difference = jax.jit(lambda m, b: m.astype(jnp.float32) - b.astype(jnp.float32))
@@ -294,10 +310,12 @@ def test_fast_count_is_exact_at_extreme_thresholds():
 
 @pytest.mark.parametrize("pair", [False, True], ids=["array", "difference"])
 def test_tie_counts_are_exact_in_and_out_of_the_fast_range(pair):
-    """`row_counts_tied` counts |x| == t per row in one pass (fast: the indicator at t less the one at
-    next(t); elsewhere integer bits): exact at t = 0, subnormal t, the smallest fast threshold, binade
-    edges, the largest finite value (next(t) is inf: integer path), inf and NaN present."""
+    """The search returns, per row, the entries tied at its threshold T (where count(T) > k), as the
+    difference of two per-row counts it made (T and the next pattern held): exact at T = 0, subnormal
+    T, the smallest fast threshold, binade edges, the largest finite value (next is inf: integer
+    path), inf, and with a NaN present (every count on the integer path)."""
     layout = selection._BitLayout(jnp.float32)
+    cdt = selection.count_dtype()
     as_bits = lambda f: int(np.float32(f).view(np.uint32))  # noqa: E731
     largest = np.finfo(np.float32).max
     tiny_sub = np.float32(1e-40)
@@ -312,12 +330,17 @@ def test_tie_counts_are_exact_in_and_out_of_the_fast_range(pair):
         ]).astype(np.float32)
         with_nan = rows.copy()
         with_nan[3, 5] = np.nan
-        for data, fast_ok in ((rows, True), (with_nan, False)):
+        for data in (rows, with_nan):
             x = jnp.asarray(data)
             if pair:  # the difference as XLA takes it (a subnormal difference may be flushed to zero)
-                rows_in, data = (x, jnp.zeros_like(x)), np.asarray(difference(x, jnp.zeros_like(x)))
-            else:
-                rows_in = x
-            counts = selection.row_counts_tied(rows_in, jnp.uint32(tb), layout, jnp.asarray(fast_ok))
-            expected = (np.abs(data).view(np.uint32) == tb).sum(axis=1)
-            np.testing.assert_array_equal(np.asarray(counts), expected, err_msg=f"t={t!r}")
+                x, data = (x, jnp.zeros_like(x)), np.asarray(difference(x, jnp.zeros_like(x)))
+            bits = np.abs(data).view(np.uint32)
+            if (bits == tb).sum() < 2:  # flushed to zero: no tie at t to break
+                continue
+            k = int((bits > tb).sum()) + 1  # T = t, with ties to break
+            prepared, max_bits = selection._magnitude_rows(x, layout)
+            threshold, count_ge, tied = jax.jit(selection._search, static_argnums=(2, 4))(
+                prepared, max_bits, data.size, jnp.asarray(k, cdt), layout)
+            assert int(threshold) == tb, f"t={t!r}"
+            assert int(count_ge) == int((bits >= tb).sum()), f"t={t!r}"
+            np.testing.assert_array_equal(np.asarray(tied), (bits == tb).sum(axis=1), err_msg=f"t={t!r}")

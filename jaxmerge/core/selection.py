@@ -29,7 +29,9 @@ search over the float bit patterns instead:
 
 Ties at the threshold are broken towards the lowest flat index, so exactly k
 entries are kept. Per-row tie counts and a prefix sum inside one row find the
-cut; this runs only when ties exist (`lax.cond`).
+cut; this runs only when ties exist (`lax.cond`). The tie counts are the
+difference of two per-row counts the search made (at T and at the next pattern
+anyone holds), so breaking ties costs no pass over the tensor.
 
 Counts are unsigned 32-bit (64-bit with x64), exact for tensors of up to
 2**32 - 1 entries, past the 2**31 limit of a signed count.
@@ -44,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmerge.core._dtypes import compute_dtype, count_dtype, max_count, uint_like
+from jaxmerge.core._dtypes import compute_dtype, count_dtype, max_count, separate_pass, uint_like
 from jaxmerge.core._kernels import kernel
 
 _SAMPLE_SIZE = 16384
@@ -191,34 +193,6 @@ def row_counts_at_least(rows, threshold_bits, layout: _BitLayout, fast_ok):
     return lax.cond(_fast_threshold(threshold_bits, layout, fast_ok), fast, slow, threshold_bits)
 
 
-def row_counts_tied(rows, threshold_bits, layout: _BitLayout, fast_ok):
-    """Per row, the number of entries whose magnitude bits equal `threshold_bits` (exact), in one pass.
-
-    Each entry adds ind(|x| >= t) - ind(|x| >= next(t)), both indicators exact
-    (`_at_least_indicator`), so 0 or 1 exactly: one pass instead of two counts
-    at t and at next(t). Where either threshold is outside the fast range
-    (t = 0 included), an integer comparison of the bit patterns.
-
-    Args:
-      rows, layout, fast_ok: as `row_counts_at_least` (at t = 0 the padding zeros count).
-      threshold_bits: unsigned scalar.
-
-    Returns:
-      (R,) counts in `count_dtype()`.
-    """
-    cdt = count_dtype()
-
-    def fast(tb):
-        ties = _at_least_indicator(rows, tb, layout) - _at_least_indicator(rows, tb + 1, layout)
-        return ties.sum(axis=1).astype(cdt)
-
-    def slow(tb):
-        return (_magnitude_bits(rows, layout) == tb).sum(axis=1, dtype=cdt)
-
-    both_fast = _fast_threshold(threshold_bits, layout, fast_ok) & _fast_threshold(threshold_bits + 1, layout, fast_ok)
-    return lax.cond(both_fast, fast, slow, threshold_bits)
-
-
 def _sample_start(rows, n: int, k, layout: _BitLayout):
     """First probe and local density, from a sorted strided sample of about 16K entries.
 
@@ -255,20 +229,24 @@ def _max_bits(rows, layout: _BitLayout):
     """Bit pattern of the largest magnitude (NaN ranks above inf), or for a difference an upper bound.
 
     The float max is fast but XLA:CPU flushes subnormals, so it is trusted only
-    when it is a normal number (or NaN); otherwise the integer max decides.
-    It is max(max x, -min x), not max |x|: where k is a constant of the trace
+    when it is a normal number; otherwise the integer max decides. It is
+    max(max x, -min x), not max |x|: where k is a constant of the trace
     (a merge inside the caller's jit) XLA:CPU hoisted that |x| out of the
     selection and wrote it out whole before reducing it (a tensor-sized
     temporary and a pass more: 3 x 46 MB per 5632 x 2048 TIES kernel of
     bfloat16 models); a max and a min read the rows themselves.
 
+    XLA:CPU's vectorised float max and min reductions may skip NaN (measured:
+    a NaN in a 1024 x 2048 float32 tensor gave max inf), so NaN is found by a
+    sum (`_may_hold_nan`); where it may be present the exact integer max decides.
+
     For a difference model - base (a pair of rows) the search needs no exact
     maximum, only a pattern no magnitude exceeds and whether NaN may occur:
     max|model| + max|base| (each at least the smallest normal, which bounds a
     flushed subnormal) bounds every |model - base| since rounding is monotone.
-    The two terms are reduced in their own narrow dtype, and the difference,
+    The terms are reduced in their own narrow dtype, and the difference,
     which the caller also computes, has no consumer here that would make XLA
-    write it out. A non-finite bound (NaN or inf in a term, so inf - inf may
+    write it out. A non-finite bound or term (NaN or inf, so inf - inf may
     be NaN, or an overflow) gives the largest pattern, which sends every count
     to the exact integer path.
     """
@@ -277,10 +255,11 @@ def _max_bits(rows, layout: _BitLayout):
         tiny = jnp.asarray(jnp.finfo(layout.float).tiny, layout.float)
         bound = sum(jnp.maximum(_largest_magnitude(p, layout), tiny) for p in parts)
         bits = lax.bitcast_convert_type(bound, layout.uint)
-        return jnp.where(bits < layout.inf_bits, bits, jnp.asarray(jnp.iinfo(layout.uint).max >> 1, layout.uint))
+        finite = (bits < layout.inf_bits) & ~(_may_hold_nan(parts[0], layout) | _may_hold_nan(parts[1], layout))
+        return jnp.where(finite, bits, jnp.asarray(jnp.iinfo(layout.uint).max >> 1, layout.uint))
     float_max = lax.bitcast_convert_type(_largest_magnitude(parts[0], layout), layout.uint)
     return lax.cond(
-        float_max >= layout.fast_lo_bits,
+        (float_max >= layout.fast_lo_bits) & ~_may_hold_nan(parts[0], layout),
         lambda: float_max,
         lambda: _magnitude_bits(rows, layout).max(),
     )
@@ -288,9 +267,17 @@ def _max_bits(rows, layout: _BitLayout):
 
 def _largest_magnitude(x, layout: _BitLayout):
     """max |x| as a scalar of the layout's float type, from a max and a min taken in x's own dtype (exact:
-    a max is one of the values); NaN if x holds one (abs clears the sign -min may give it), and a
-    subnormal maximum may read as zero (flushed)."""
+    a max is one of the values); a subnormal maximum may read as zero (flushed), and a NaN may be
+    skipped (see `_max_bits`)."""
     return jnp.abs(jnp.maximum(x.max().astype(layout.float), -x.min().astype(layout.float)))
+
+
+def _may_hold_nan(x, layout: _BitLayout):
+    """True when x may hold NaN: its sum is not finite (NaN, or inf, or an overflow of huge values).
+    One summing pass (~0.7 ms per 11.5M bfloat16 entries on 2 CPU cores), which propagates NaN where
+    the max and min reductions may not."""
+    (x,) = separate_pass(x)  # its own widening: one shared with the counting passes would be written out
+    return ~jnp.isfinite(jnp.sum(x, dtype=layout.float))
 
 
 def _signed_diff(x, y):
@@ -330,7 +317,7 @@ def kth_largest_magnitude_bits(x, k):
       entries tie at T (at T = 0 it counts the zeros that pad the rows).
     """
     layout = _BitLayout(compute_dtype(x.dtype))
-    return _search(*_magnitude_rows(x, layout), x.size, k, layout)
+    return _search(*_magnitude_rows(x, layout), x.size, k, layout)[:2]
 
 
 def _snap_to_sample(t, lo, hi, sample_bits):
@@ -397,14 +384,17 @@ def _discrete_next_probe(t, c, k, moved_lo, lo, hi, secant_t, sample_bits, n: in
 
 
 def _search(rows, max_bits, n: int, k, layout: _BitLayout):
-    """`kth_largest_magnitude_bits` on prepared rows (see `_magnitude_rows`)."""
+    """`kth_largest_magnitude_bits` on prepared rows (see `_magnitude_rows`), and per row the number
+    of entries tied at T where the tie break needs them (count(T) > k): the difference of two per-row
+    counts the search has made anyway (the bracket's ends, or T and hi), so no pass of its own."""
     cdt = count_dtype()
     uint = layout.uint
     fast_ok = max_bits <= layout.inf_bits  # False when a NaN is present
     k = k.astype(cdt)
 
-    def count(tb):
-        return row_counts_at_least(rows, tb, layout, fast_ok).sum(dtype=cdt)
+    def count(tb):  # the total and the per-row counts, which the tie break reuses
+        per_row = row_counts_at_least(rows, tb, layout, fast_ok)
+        return per_row.sum(dtype=cdt), per_row
 
     def fast_threshold(tb):
         return _fast_threshold(tb, layout, fast_ok)
@@ -414,7 +404,7 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
         return (hi - lo > 1) & (c_lo != k) & (c_hi != k - 1)
 
     def step(carry):
-        lo, c_lo, hi, c_hi, t, prev_t, prev_c, density, outside, stall = carry
+        lo, c_lo, hi, c_hi, t, prev_t, prev_c, density, outside, stall, rows_lo, rows_hi = carry
         width = hi - lo
         bisect = (stall >= 3) | (outside >= 2)
         below, above = t <= lo, t >= hi
@@ -425,10 +415,11 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
         t = jnp.where(bisect, lo + width // 2, jnp.where(below, lo + 1, jnp.where(above, hi - 1, t)))
         outside = jnp.where(bisect | ~(below | above), 0, outside + 1)
         stall = jnp.where(bisect, 0, stall)
-        c = count(t)
+        c, rows_t = count(t)
         moved_lo = c >= k
         lo, c_lo = jnp.where(moved_lo, t, lo), jnp.where(moved_lo, c, c_lo)
         hi, c_hi = jnp.where(moved_lo, hi, t), jnp.where(moved_lo, c_hi, c)
+        rows_lo, rows_hi = jnp.where(moved_lo, rows_t, rows_lo), jnp.where(moved_lo, rows_hi, rows_t)
         stall = jnp.where(hi - lo > width // 2, stall + 1, 0)
         # Secant estimate of the density (entries per bit-pattern unit) from the
         # two latest probes; counts fall as t grows.
@@ -450,17 +441,20 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
         next_t = jnp.where(discrete, discrete_t, next_t)
         if _PROBE_HOOK is not None:
             jax.debug.callback(_PROBE_HOOK, t, _signed_diff(c, k), width)
-        return lo, c_lo, hi, c_hi, next_t, t, c, density, outside, stall
+        return lo, c_lo, hi, c_hi, next_t, t, c, density, outside, stall, rows_lo, rows_hi
 
     start, density, sample_bits, discrete = _sample_start(rows, n, k, layout)
     zero = jnp.zeros((), uint)
-    # count(0) is every entry of the rows, padding zeros included, as a counting pass at 0 finds it.
+    num_rows, row_length = _parts(rows)[0].shape
+    # count(0) is every entry of the rows, padding zeros included, as a counting pass at 0 finds it;
+    # nothing reaches max_bits + 1.
     init = (
-        zero, jnp.asarray(_parts(rows)[0].size, cdt), max_bits + 1, jnp.zeros((), cdt),
+        zero, jnp.asarray(num_rows * row_length, cdt), max_bits + 1, jnp.zeros((), cdt),
         # prev = (start, 0): the first step has no secant pair and keeps the sample density.
         start, start, jnp.zeros((), cdt), density, jnp.int32(0), jnp.int32(0),
+        jnp.full((num_rows,), row_length, cdt), jnp.zeros((num_rows,), cdt),
     )
-    lo, c_lo, hi, c_hi = lax.while_loop(not_done, step, init)[:4]
+    lo, c_lo, hi, c_hi, *_, rows_lo, rows_hi = lax.while_loop(not_done, step, init)
 
     # A select feeding a reduction is XLA:CPU's slow path (~25 ms per 16.7M
     # entries); multiplying by the exact 0/1 indicator keeps it on the fast one.
@@ -476,7 +470,8 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
             bits = _magnitude_bits(rows, layout)
             return jnp.where(bits >= tb, bits, jnp.asarray(jnp.iinfo(uint).max, uint)).min()
 
-        return lax.cond(fast_threshold(lo), fast, slow, lo), c_lo
+        # count(T) == k: nothing to break, so no tie counts.
+        return lax.cond(fast_threshold(lo), fast, slow, lo), c_lo, jnp.zeros_like(rows_lo)
 
     def largest_below(_):
         # count(hi) == k - 1: T is the largest entry below hi.
@@ -492,29 +487,29 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
             return jnp.where(bits < tb, bits, jnp.zeros((), uint)).max()
 
         threshold = lax.cond(fast_threshold(hi), fast, slow, hi)
-        return threshold, count(threshold)
+        count_ge, rows_ge = count(threshold)
+        # No entry lies between T and hi, so the entries at T are those counted at T and not at hi.
+        return threshold, count_ge, rows_ge - rows_hi
 
-    def bracket_closed(_):
-        return lo, c_lo
+    def bracket_closed(_):  # hi == lo + 1: the entries at lo are those counted at lo and not at hi
+        return lo, c_lo, rows_lo - rows_hi
 
     branch = jnp.where(c_lo == k, 0, jnp.where(c_hi == k - 1, 1, 2))
     return lax.switch(branch, (smallest_at_least, largest_below, bracket_closed), None)
 
 
-def _tie_cut_index(rows, max_bits, threshold, count_ge, k, layout: _BitLayout, partitioned: bool):
+def _tie_cut_index(rows, threshold, count_ge, tied, k, layout: _BitLayout, partitioned: bool):
     """Flat index P such that the entries tied at `threshold` with index < P are
     exactly the tied entries to keep (the lowest indices come first).
 
-    Per-row tie counts (one counting pass, `row_counts_tied`), a prefix sum over
-    the rows, and a prefix sum inside the one row where the last kept tie falls:
-    no full-size cumsum (170 ms at 16.7M entries on XLA:CPU). `count_ge`: the
-    number of entries of the rows at or above the threshold (the search's; the
-    rows' padding zeros count at threshold 0, as they do in `tied`).
+    A prefix sum of the per-row tie counts `tied` (the search's), and a prefix
+    sum inside the one row where the last kept tie falls: no full-size cumsum
+    (170 ms at 16.7M entries on XLA:CPU). `count_ge`: the number of entries of
+    the rows at or above the threshold (the search's; the rows' padding zeros
+    count at threshold 0, in `tied` too).
     """
     cdt = count_dtype()
-    fast_ok = max_bits <= layout.inf_bits
     shape = _parts(rows)[0].shape
-    tied = row_counts_tied(rows, threshold, layout, fast_ok)
     need = k - (count_ge - tied.sum(dtype=cdt))  # tied entries to keep, >= 1
     tied_before = jnp.cumsum(tied, dtype=cdt) - tied
     row = jnp.sum(tied_before < need, dtype=jnp.int32) - 1
@@ -628,11 +623,11 @@ def _counting_mask(x: jax.Array, k, partitioned: bool) -> jax.Array:
     def select():
         # One preparation (rows and the max pass) serves the search and the tie break.
         rows, max_bits = _magnitude_rows(x, layout)
-        threshold, count_ge = _search(rows, max_bits, n, jnp.maximum(k, 1), layout)
+        threshold, count_ge, tied = _search(rows, max_bits, n, jnp.maximum(k, 1), layout)
         needs_tie_break = count_ge > k
         cut = lax.cond(
             needs_tie_break,
-            lambda: _tie_cut_index(rows, max_bits, threshold, count_ge, k, layout, partitioned),
+            lambda: _tie_cut_index(rows, threshold, count_ge, tied, k, layout, partitioned),
             lambda: never,
         )
         return threshold, cut
