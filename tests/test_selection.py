@@ -69,8 +69,8 @@ def test_edge_values(values, k, algorithm):
 @pytest.mark.parametrize("with_base", [False, True], ids=["array", "difference"])
 def test_nan_ranks_first_in_a_large_tensor(dtype, with_base):
     """NaN ranks above inf in tensors large enough for XLA:CPU's vectorised max and min reductions,
-    which may skip NaN (a float32 NaN read as max inf, so the search took its counts' fast path
-    and kept 3 entries for k = 1): a summing pass finds it."""
+    which may skip NaN (in float32 they did, so the search took its counts' fast path and kept 3
+    entries for k = 1): a summing pass finds it."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((1024, 2048)), dtype).at[3, 5].set(jnp.nan).at[700, 9].set(jnp.nan)
     x = x.at[5, 5].set(jnp.inf)

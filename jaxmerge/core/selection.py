@@ -237,8 +237,9 @@ def _max_bits(rows, layout: _BitLayout):
     bfloat16 models); a max and a min read the rows themselves.
 
     XLA:CPU's vectorised float max and min reductions may skip NaN (measured:
-    a NaN in a 1024 x 2048 float32 tensor gave max inf), so NaN is found by a
-    sum (`_may_hold_nan`); where it may be present the exact integer max decides.
+    the max of a 1024 x 2048 float32 tensor holding a NaN came out as its
+    largest number), so NaN is found by a sum (`_may_hold_nan`); where it may be
+    present the exact integer max decides.
 
     For a difference model - base (a pair of rows) the search needs no exact
     maximum, only a pattern no magnitude exceeds and whether NaN may occur:

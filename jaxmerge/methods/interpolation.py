@@ -238,7 +238,8 @@ def _multislerp_kernel(tensors, weights, base, eps, *, normalize_weights):
     norms = [_norm(vector(*separate_pass(x, *based))) for x in tensors]
     coefs = [w[i] / (norms[i] + eps) for i in range(n)]  # s = sum_i coefs_i x_i
     passed = separate_pass(*tensors, *based, *coefs)
-    mean_norm = _norm(weighted_sum(passed[n + len(based) :], passed[:n], *passed[n : n + len(based)]))
+    xs, b, cs = passed[:n], passed[n : n + len(based)], passed[n + len(based) :]
+    mean_norm = _norm(weighted_sum(cs, xs, *b))  # |s|
     degenerate = mean_norm < eps
     scale = jnp.cos(eps) * sum(w[i] * norms[i] for i in range(n)) / _safe(mean_norm, degenerate)
     result = weighted_sum([scale * c for c in coefs], tensors, *based)
