@@ -165,6 +165,20 @@ def test_moe_benchmark_tiny_times_both_tools_and_the_floor(tmp_path):
     assert "I/O floor" in (tmp_path / "tiny.md").read_text()
 
 
+def test_warm_page_cache_reads_every_byte_once(tmp_path):
+    """The benchmarks read the inputs before each timed run; `read_files` reads in buffer-sized chunks
+    up to its limit, across files, and leaves them as they are."""
+    from benchmarks.floor import read_files, warm_page_cache
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"a" * 1000)
+    b.write_bytes(b"b" * 3000)
+    assert warm_page_cache([a, b]) == 4000
+    assert read_files([a, b], memoryview(bytearray(7))) == 4000  # many chunks
+    assert read_files([a, b], memoryview(bytearray(7)), limit=1203) == 1203  # past the first file, then stops
+    assert a.read_bytes() == b"a" * 1000 and b.read_bytes() == b"b" * 3000
+
+
 def test_io_floor_reads_and_writes_the_bytes_asked(tmp_path, monkeypatch):
     import builtins
 
