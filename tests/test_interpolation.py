@@ -164,13 +164,16 @@ def test_multislerp_equals_mergekit(shape, n, with_base, normalize):
 
 @pytest.mark.parametrize("eps", [1e-8, 0.3])
 @pytest.mark.parametrize("n", [2, 3])
-def test_multislerp_closed_form_equals_mergekit_in_float64(eps, n):
+@pytest.mark.parametrize("weights,normalize", [([0.5, 1.5, 0.7], True), ([0.5, -1.5, 0.7], False),
+                                               ([-1.0, -0.5, -0.2], True)])
+def test_multislerp_closed_form_equals_mergekit_in_float64(eps, n, weights, normalize):
     """jaxmerge evaluates multislerp's closed form (the weighted sum of the tangent projections is zero,
     so the exponential map gives cos(eps) times the normalised mean): mergekit run in float64, where
-    that zero carries no rounding noise, agrees to float32 rounding, and a large eps shows its cos(eps)."""
+    that zero carries no rounding noise, agrees to float32 rounding, with negative weights too, and a
+    large eps shows its cos(eps)."""
     base = rand((64, 48), 30)
     models = [base + rand((64, 48), 31 + i, 0.1 * (i + 1)) for i in range(n)]
-    params = {"weight": [0.5, 1.5, 0.7][:n], "eps": eps}
+    params = {"weight": weights[:n], "eps": eps, "normalize_weights": normalize}
     got = ours("multislerp", models, base, **params)
     group = TensorGroup.from_tensors([torch.from_numpy(t.astype(np.float64)) for t in [base, *models]], base_index=0)
     want = registry.get("multislerp")([group], parameters=params)[0].numpy()
