@@ -203,7 +203,7 @@ def test_the_search_snaps_to_sample_values_only_on_discrete_data(make, discrete)
     would throw away secant steps, so the sample decides (`_sample_start`'s last result)."""
     x = jnp.asarray(make(np.random.default_rng(5), 64 * 4096).astype(np.float32))
     layout = selection._BitLayout(jnp.float32)
-    rows, _ = selection._magnitude_rows(x, layout)
+    rows, _, _ = selection._magnitude_rows(x, layout)
     k = jnp.asarray(int(0.2 * x.size), count_dtype())
     assert bool(selection._sample_start(rows, x.size, k, layout)[3]) is discrete
 
@@ -338,9 +338,9 @@ def test_tie_counts_are_exact_in_and_out_of_the_fast_range(pair):
             if (bits == tb).sum() < 2:  # flushed to zero: no tie at t to break
                 continue
             k = int((bits > tb).sum()) + 1  # T = t, with ties to break
-            prepared, max_bits = selection._magnitude_rows(x, layout)
-            threshold, count_ge, tied = jax.jit(selection._search, static_argnums=(2, 4))(
-                prepared, max_bits, data.size, jnp.asarray(k, cdt), layout)
+            prepared, bound_bits, fast_ok = selection._magnitude_rows(x, layout)
+            threshold, count_ge, tied = jax.jit(selection._search, static_argnums=(3, 5))(
+                prepared, bound_bits, fast_ok, data.size, jnp.asarray(k, cdt), layout)
             assert int(threshold) == tb, f"t={t!r}"
             assert int(count_ge) == int((bits >= tb).sum()), f"t={t!r}"
             np.testing.assert_array_equal(np.asarray(tied), (bits == tb).sum(axis=1), err_msg=f"t={t!r}")

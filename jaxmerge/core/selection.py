@@ -225,60 +225,37 @@ def _sample_start(rows, n: int, k, layout: _BitLayout):
     return sample_bits[j], jnp.maximum(density, _MIN_DENSITY), sample_bits, discrete
 
 
-def _max_bits(rows, layout: _BitLayout):
-    """Bit pattern of the largest magnitude (NaN ranks above inf), or for a difference an upper bound.
+def _bound_bits(rows, layout: _BitLayout):
+    """A bit pattern no magnitude reaches, for the search's first bracket, and whether the fast
+    counts may be used (no magnitude is NaN, which they cannot count).
 
-    The float max is fast but XLA:CPU flushes subnormals, so it is trusted only
-    when it is a normal number; otherwise the integer max decides. It is
-    max(max x, -min x), not max |x|: where k is a constant of the trace
-    (a merge inside the caller's jit) XLA:CPU hoisted that |x| out of the
-    selection and wrote it out whole before reducing it (a tensor-sized
-    temporary and a pass more: 3 x 46 MB per 5632 x 2048 TIES kernel of
-    bfloat16 models); a max and a min read the rows themselves.
+    Where the inputs are finite (one summing pass per input: `_all_finite`), no magnitude is NaN,
+    not even a difference model - base that overflows to inf, so the pattern just above +inf's
+    bounds them all. Otherwise the sign bit's pattern, above every magnitude's, NaN's included,
+    and the exact integer counts.
 
-    XLA:CPU's vectorised float max and min reductions may skip NaN (measured:
-    the max of a 1024 x 2048 float32 tensor holding a NaN came out as its
-    largest number), so NaN is found by a sum (`_may_hold_nan`); where it may be
-    present the exact integer max decides.
+    An exact maximum took a max, a min and that sum per input (XLA:CPU's vectorised float max
+    and min may skip NaN, so a sum had to find it anyway): a 5632 x 2048 bfloat16 TIES kernel of
+    3 models and a base made 15 such passes of ~0.8 ms, now 6 (the base's sum once per task),
+    and took 46-53 ms instead of 42-45 (2 CPU cores). The search needs no tighter bound: its first
+    probe comes from the sample, and at most doubling the bracket costs at most one more
+    bisection step.
 
-    For a difference model - base (a pair of rows) the search needs no exact
-    maximum, only a pattern no magnitude exceeds and whether NaN may occur:
-    max|model| + max|base| (each at least the smallest normal, which bounds a
-    flushed subnormal) bounds every |model - base| since rounding is monotone.
-    The terms are reduced in their own narrow dtype, and the difference,
-    which the caller also computes, has no consumer here that would make XLA
-    write it out. A non-finite bound or term (NaN or inf, so inf - inf may
-    be NaN, or an overflow) gives the largest pattern, which sends every count
-    to the exact integer path.
+    Returns:
+      (bound bits, fast counts allowed).
     """
-    parts = _parts(rows)
-    if len(parts) == 2:
-        tiny = jnp.asarray(jnp.finfo(layout.float).tiny, layout.float)
-        bound = sum(jnp.maximum(_largest_magnitude(p, layout), tiny) for p in parts)
-        bits = lax.bitcast_convert_type(bound, layout.uint)
-        finite = (bits < layout.inf_bits) & ~(_may_hold_nan(parts[0], layout) | _may_hold_nan(parts[1], layout))
-        return jnp.where(finite, bits, jnp.asarray(jnp.iinfo(layout.uint).max >> 1, layout.uint))
-    float_max = lax.bitcast_convert_type(_largest_magnitude(parts[0], layout), layout.uint)
-    return lax.cond(
-        (float_max >= layout.fast_lo_bits) & ~_may_hold_nan(parts[0], layout),
-        lambda: float_max,
-        lambda: _magnitude_bits(rows, layout).max(),
-    )
+    finite = functools.reduce(jnp.logical_and, [_all_finite(p, layout) for p in _parts(rows)])
+    above_all = 1 << (8 * layout.uint.itemsize - 1)  # the sign bit: magnitudes have it clear
+    bound = jnp.where(finite, jnp.asarray(layout.inf_bits + 1, layout.uint), jnp.asarray(above_all, layout.uint))
+    return bound, finite
 
 
-def _largest_magnitude(x, layout: _BitLayout):
-    """max |x| as a scalar of the layout's float type, from a max and a min taken in x's own dtype (exact:
-    a max is one of the values); a subnormal maximum may read as zero (flushed), and a NaN may be
-    skipped (see `_max_bits`)."""
-    return jnp.abs(jnp.maximum(x.max().astype(layout.float), -x.min().astype(layout.float)))
-
-
-def _may_hold_nan(x, layout: _BitLayout):
-    """True when x may hold NaN: its sum is not finite (NaN, or inf, or an overflow of huge values).
-    One summing pass (~0.7 ms per 11.5M bfloat16 entries on 2 CPU cores), which propagates NaN where
-    the max and min reductions may not."""
+def _all_finite(x, layout: _BitLayout):
+    """True when the sum of x is finite, so that no entry is NaN or inf (both propagate through a sum,
+    where XLA:CPU's vectorised max and min may skip NaN); False also when huge finite values overflow
+    it. One pass: ~0.7 ms per 11.5M bfloat16 entries on 2 CPU cores."""
     (x,) = separate_pass(x)  # its own widening: one shared with the counting passes would be written out
-    return ~jnp.isfinite(jnp.sum(x, dtype=layout.float))
+    return jnp.isfinite(jnp.sum(x, dtype=layout.float))
 
 
 def _signed_diff(x, y):
@@ -287,7 +264,8 @@ def _signed_diff(x, y):
 
 
 def _magnitude_rows(x, layout: _BitLayout):
-    """The rows every pass reads, and the bit pattern of their largest magnitude.
+    """The rows every pass reads, a bit pattern no magnitude reaches and whether the fast counts may be
+    used (`_bound_bits`).
 
     The rows hold the signed values (a tuple: x's rows, or both terms' rows
     for a difference) and every pass takes |x| itself: an |x| computed once would be a
@@ -296,7 +274,7 @@ def _magnitude_rows(x, layout: _BitLayout):
     than the whole search).
     """
     rows = tuple(_as_rows(p) for p in _parts(x))
-    return rows, _max_bits(rows, layout)
+    return (rows, *_bound_bits(rows, layout))
 
 
 def kth_largest_magnitude_bits(x, k):
@@ -384,13 +362,12 @@ def _discrete_next_probe(t, c, k, moved_lo, lo, hi, secant_t, sample_bits, n: in
     return jnp.where(past_spike, t + 1, jnp.where(onto_spike, v, jnp.where(ranked_ok, ranked, secant_t)))
 
 
-def _search(rows, max_bits, n: int, k, layout: _BitLayout):
+def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout):
     """`kth_largest_magnitude_bits` on prepared rows (see `_magnitude_rows`), and per row the number
     of entries tied at T where the tie break needs them (count(T) > k): the difference of two per-row
     counts the search has made anyway (the bracket's ends, or T and hi), so no pass of its own."""
     cdt = count_dtype()
     uint = layout.uint
-    fast_ok = max_bits <= layout.inf_bits  # False when a NaN is present
     k = k.astype(cdt)
 
     def count(tb):  # the total and the per-row counts, which the tie break reuses
@@ -448,9 +425,9 @@ def _search(rows, max_bits, n: int, k, layout: _BitLayout):
     zero = jnp.zeros((), uint)
     num_rows, row_length = _parts(rows)[0].shape
     # count(0) is every entry of the rows, padding zeros included, as a counting pass at 0 finds it;
-    # nothing reaches max_bits + 1.
+    # nothing reaches bound_bits.
     init = (
-        zero, jnp.asarray(num_rows * row_length, cdt), max_bits + 1, jnp.zeros((), cdt),
+        zero, jnp.asarray(num_rows * row_length, cdt), bound_bits, jnp.zeros((), cdt),
         # prev = (start, 0): the first step has no secant pair and keeps the sample density.
         start, start, jnp.zeros((), cdt), density, jnp.int32(0), jnp.int32(0),
         jnp.full((num_rows,), row_length, cdt), jnp.zeros((num_rows,), cdt),
@@ -622,9 +599,9 @@ def _counting_mask(x: jax.Array, k, partitioned: bool) -> jax.Array:
     never = jnp.asarray(n, cdt)  # a cut index past the end: no tie is dropped
 
     def select():
-        # One preparation (rows and the max pass) serves the search and the tie break.
-        rows, max_bits = _magnitude_rows(x, layout)
-        threshold, count_ge, tied = _search(rows, max_bits, n, jnp.maximum(k, 1), layout)
+        # One preparation (rows and the bound's pass) serves the search and the tie break.
+        rows, bound_bits, fast_ok = _magnitude_rows(x, layout)
+        threshold, count_ge, tied = _search(rows, bound_bits, fast_ok, n, jnp.maximum(k, 1), layout)
         needs_tie_break = count_ge > k
         cut = lax.cond(
             needs_tie_break,
