@@ -236,7 +236,8 @@ def _bound_bits(rows, layout: _BitLayout):
 
     An exact maximum took a max, a min and that sum per input (XLA:CPU's vectorised float max
     and min may skip NaN, so a sum had to find it anyway): a 5632 x 2048 bfloat16 TIES kernel of
-    3 models and a base made 15 such passes of ~0.8 ms, now 6 (the base's sum once per task),
+    3 models and a base made 15 such passes of ~0.8 ms, now 4 (one per input: the tasks share the
+    base's),
     and took 46-53 ms instead of 42-45 (2 CPU cores). The search needs no tighter bound: its first
     probe comes from the sample, and at most doubling the bracket costs at most one more
     bisection step.
@@ -598,9 +599,11 @@ def _counting_mask(x: jax.Array, k, partitioned: bool) -> jax.Array:
     uint = layout.uint
     never = jnp.asarray(n, cdt)  # a cut index past the end: no tie is dropped
 
+    # One preparation (rows and the bound's pass) serves the search and the tie break. Made outside
+    # the branch: the same base's pass in several tasks' selections is then one to XLA.
+    rows, bound_bits, fast_ok = _magnitude_rows(x, layout)
+
     def select():
-        # One preparation (rows and the bound's pass) serves the search and the tie break.
-        rows, bound_bits, fast_ok = _magnitude_rows(x, layout)
         threshold, count_ge, tied = _search(rows, bound_bits, fast_ok, n, jnp.maximum(k, 1), layout)
         needs_tie_break = count_ge > k
         cut = lax.cond(
