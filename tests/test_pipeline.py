@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,9 +15,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from jaxmerge.engine._pipeline import PhaseProfile, run_ordered
-from jaxmerge.engine.stream import machine_depth, merge_checkpoints
+from jaxmerge.engine.stream import in_compile_order, machine_depth, merge_checkpoints
 from jaxmerge.engine.compile_cache import default_cache_dir
-from jaxmerge.formats.safetensors_io import Checkpoint, CheckpointError
+from jaxmerge.formats.safetensors_io import Checkpoint, CheckpointError, TensorInfo
 from tiny_models import write_safetensors_models
 
 SHAPES = {"embed.weight": (50, 16), "layers.0.w": (16, 16), "layers.0.b": (16,), "layers.1.w": (16, 16), "head": (50, 16)}
@@ -176,23 +177,69 @@ def test_depth_from_the_environment_and_bad_values(tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_tensors_are_merged_grouped_by_kernel_largest_group_first():
+    """Each shard keeps its tensors; within it, tensors without a kernel come first, then each kernel's
+    tensors together, the kernel with the most bytes in the whole plan first, in their own order."""
+    def info(name, size):
+        return TensorInfo(name, (size,), "F32")
+
+    shards = [[info("a.norm", 4), info("a.up", 64), info("a.q", 16), info("ids", 8), info("b.norm", 4)],
+              [info("b.up", 64), info("b.q", 16), info("c.q", 16), info("head", 96)]]
+    kernel_of = {"a.norm": "norm", "b.norm": "norm", "a.up": "up", "b.up": "up", "a.q": "q", "b.q": "q",
+                 "c.q": "q", "head": "head", "ids": None}
+    ordered = in_compile_order(shards, kernel_of)
+    # bytes per kernel: up 2 x 256, q 3 x 64, head 384, norm 2 x 16: up, head, q, norm
+    assert [[t.name for t in shard] for shard in ordered] == [
+        ["ids", "a.up", "a.q", "a.norm", "b.norm"], ["b.up", "head", "b.q", "c.q"]]
+    assert shards[0][0].name == "a.norm"  # the plan's lists are not changed in place
+
+
+def test_a_merge_writes_each_kernels_tensors_together(tmp_path):
+    """The output's byte order groups the tensors of one kernel (first runs compile the rest meanwhile)."""
+    shapes = {"a.norm": (16,), "a.up": (64, 32), "a.q": (32, 32), "b.norm": (16,), "b.up": (64, 32), "b.q": (32, 32)}
+    models = write_safetensors_models(tmp_path / "in", 2, shapes, seed=1, dtype=np.float32)
+    merge_checkpoints(models, tmp_path / "out", method="linear", progress=False)
+    assert _byte_order(tmp_path / "out" / "model.safetensors") == [
+        "position_ids", "a.up", "b.up", "a.q", "b.q", "a.norm", "b.norm"]  # the integers need no kernel
+    merged = Checkpoint(tmp_path / "out" / "model.safetensors")
+    inputs = [Checkpoint(m) for m in models]
+    for name in shapes:  # the values do not depend on the order
+        np.testing.assert_allclose(merged.read(name), (inputs[0].read(name) + inputs[1].read(name)) / 2, rtol=1e-6)
+
+
+def _byte_order(path) -> list[str]:
+    """The tensors of a safetensors file in the order of their bytes (the order they were merged in)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda name: header[name]["data_offsets"][0])
+
+
 @pytest.mark.parametrize("depth", [0, 2, 3])
 def test_first_bad_tensor_in_plan_order_is_named(tmp_path, depth):
-    """A NaN in an early tensor and differing integers in a later one: the NaN is reported, nothing written."""
+    """NaN in two float tensors and differing integers in a third: the one merged first (the output's
+    byte order, `in_compile_order`) is reported whatever the depth, and nothing is written."""
     models = write_models(tmp_path / "in", n=3)
+    merge_checkpoints(models, tmp_path / "clean", method="ties", density=0.5, progress=False, depth=depth)
+    merged_order = _byte_order(tmp_path / "clean" / "model.safetensors")
     tensors = {k: Checkpoint(models[1]).read(k) for k in Checkpoint(models[1]).tensors}
-    first = next(iter(Checkpoint(models[1]).tensors))  # the file's order is the plan's
-    tensors[first] = tensors[first].copy()
-    tensors[first][0, 0] = np.nan
+    floats = [name for name in merged_order if tensors[name].dtype.kind == "f"]
+    for name in (floats[0], floats[-1]):
+        tensors[name] = tensors[name].copy()
+        tensors[name].reshape(-1)[0] = np.nan
     tensors["position_ids"] = tensors["position_ids"] + 1
     save_file(tensors, str(models[1]))
-    assert list(Checkpoint(models[1]).tensors).index("position_ids") > 0
-    with pytest.raises(CheckpointError, match=f"tensor {first} holds NaN"):
+    bad = [name for name in merged_order if name in (floats[0], floats[-1], "position_ids")]
+    messages = {floats[0]: f"tensor {floats[0]} holds NaN", floats[-1]: f"tensor {floats[-1]} holds NaN",
+                "position_ids": "position_ids .* differs"}
+    with pytest.raises(CheckpointError, match=messages[bad[0]]):
         merge_checkpoints(models, tmp_path / "out", method="ties", density=0.5, progress=False, depth=depth)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-    with pytest.raises(CheckpointError, match="position_ids .* differs"):
-        merge_checkpoints(models, tmp_path / "out", method="ties", density=0.5, progress=False, depth=depth,
-                          allow_nonfinite=True)
+    tensors["position_ids"] = tensors["position_ids"] - 1
+    save_file(tensors, str(models[1]))
+    with pytest.raises(CheckpointError, match=messages[floats[0]]):
+        merge_checkpoints(models, tmp_path / "out", method="ties", density=0.5, progress=False, depth=depth)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     assert not _threads()
 
 

@@ -20,6 +20,7 @@ other layouts (`jaxmerge.recipes.plan`). Everything is checked in
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import os
 import queue
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,6 +393,8 @@ def merge_checkpoints(
     Returns:
       The executed plan. The output holds model.safetensors (or shards and an
       index) whose metadata records the recipe, the seed and the jaxmerge version.
+      Within each shard the tensors' bytes lie grouped by kernel (`in_compile_order`),
+      the order they are merged in; `plan.shards` lists them so.
       `plan.profile` holds the seconds of each phase (read, dispatch, compile,
       wait, write, sync, wall; see `jaxmerge.engine._pipeline.PhaseProfile`); it is
       logged at INFO level, and $JAXMERGE_PROFILE=1 prints it on stderr
@@ -425,6 +428,12 @@ def merge_checkpoints(
 
     total = sum(t.nbytes for t in plan.tensors)
     entries = {e.name: e for e in plan.layout}
+    views = _merge_views(plan, mesh)
+    copies = {info.name for info in plan.tensors if _is_copy(entries[info.name], info, checkpoints, plan)}
+    signatures = {info.name: None if info.name in copies else
+                  _kernel_signature(entries[info.name], info, checkpoints, plan, views.get(info.name))
+                  for info in plan.tensors}
+    plan.shards = in_compile_order(plan.shards, signatures)
     # (shard number, position in the shard, tensor): the order of the output's bytes.
     items = [(s, i, info) for s, shard in enumerate(plan.shards) for i, info in enumerate(shard)]
     if processes is not None:  # this process writes its share of the shards (jaxmerge.engine.distributed)
@@ -434,11 +443,6 @@ def merge_checkpoints(
         items = [item for item in items if owners[item[0]] == processes.index]
     writers: dict[int, ShardWriter] = {}
     arenas = _Arenas(max(1, plan.depth), max((_arena_bytes(e, checkpoints) for e in plan.layout), default=0))
-    views = _merge_views(plan, mesh)
-    copies = {info.name for _, _, info in items if _is_copy(entries[info.name], info, checkpoints, plan)}
-    signatures = {info.name: None if info.name in copies else
-                  _kernel_signature(entries[info.name], info, checkpoints, plan, views.get(info.name))
-                  for _, _, info in items}
     ahead = _ahead_compiler(items, signatures, entries, views, checkpoints, plan, key, mesh, allow_nonfinite)
 
     # The plan knows the output's size: a disk without room for it fails before anything is written.
@@ -507,6 +511,37 @@ def merge_checkpoints(
     plan.profile = profile.as_dict()
     _report_profile(plan, profile)
     return plan
+
+
+def in_compile_order(shards: list[list[TensorInfo]], signatures: Mapping[str, Hashable | None]) -> list[list[TensorInfo]]:
+    """Each shard's tensors in the order that lets compilation overlap merging: tensors merged without a
+    kernel first, then each kernel's tensors together, the kernel with the most bytes to merge first.
+
+    In a checkpoint's own order the first layer meets every kernel at once, so a first run waits for
+    each compilation in turn (TinyLlama-shaped ties: ~3.4 s of 5 kernels). Grouped, only the first
+    kernel is waited for: the others compile in the background (`_ahead_compiler`) while the largest
+    group merges. Which tensors each shard holds does not change, only where their bytes lie in it
+    (readers find tensors by the header); within a group the checkpoint's order is kept.
+
+    Args:
+      shards: the planned shards' tensors.
+      signatures: tensor name -> its kernel signature (`_kernel_signature`), None without a kernel.
+
+    Returns:
+      The shards, each reordered.
+    """
+    work: collections.Counter = collections.Counter()
+    first: dict[Hashable | None, int] = {}
+    for position, info in enumerate(info for shard in shards for info in shard):
+        signature = signatures[info.name]
+        work[signature] += info.nbytes
+        first.setdefault(signature, position)
+
+    def rank(info: TensorInfo) -> tuple:
+        signature = signatures[info.name]
+        return signature is not None, -work[signature], first[signature]
+
+    return [sorted(shard, key=rank) for shard in shards]
 
 
 def _report_profile(plan: MergePlan, profile: PhaseProfile) -> None:
