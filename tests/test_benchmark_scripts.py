@@ -4,6 +4,7 @@ script that no longer runs, or whose two tools stopped agreeing on the inputs, m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,20 @@ def test_extract_lora_benchmark_tiny(tmp_path):
     errors = row["relative_error"]
     assert 0 < errors["mergekit"] < 1 and 0 < errors["jaxmerge"] < 1
     assert errors["jaxmerge"] <= 1.01 * errors["mergekit"]  # randomized within 1% of the exact SVD's
+
+
+def test_byte_compile_writes_a_pyc_for_every_module_of_the_tree(tmp_path):
+    """The timed jaxmerge trees are byte-compiled once, as an installed package is, not by every run."""
+    import importlib.util
+
+    from benchmarks.vs_mergekit import byte_compile
+
+    (tmp_path / "jaxmerge" / "sub").mkdir(parents=True)
+    for name in ("jaxmerge/__init__.py", "jaxmerge/sub/__init__.py", "jaxmerge/sub/mod.py"):
+        (tmp_path / name).write_text("X = 1\n")
+    byte_compile(tmp_path)
+    for name in ("jaxmerge/__init__.py", "jaxmerge/sub/__init__.py", "jaxmerge/sub/mod.py"):
+        assert Path(importlib.util.cache_from_source(str(tmp_path / name))).is_file(), name
 
 
 @pytest.mark.parametrize("method", ["slerp", "ties", "della", "nuslerp", "karcher", "model_stock", "linear"])
