@@ -237,9 +237,8 @@ def _bound_bits(rows, layout: _BitLayout):
     An exact maximum took a max, a min and that sum per input (XLA:CPU's vectorised float max
     and min may skip NaN, so a sum had to find it anyway): a 5632 x 2048 bfloat16 TIES kernel of
     3 models and a base made 15 such passes of ~0.8 ms, now 4 (one per input: the tasks share the
-    base's),
-    and took 46-53 ms instead of 42-45 (2 CPU cores). The search needs no tighter bound: its first
-    probe comes from the sample, and at most doubling the bracket costs at most one more
+    base's), and took 46-53 ms instead of 42-45 (2 CPU cores). The search needs no tighter bound:
+    its first probe comes from the sample, and at most doubling the bracket costs at most one more
     bisection step.
 
     Returns:
