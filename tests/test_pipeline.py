@@ -235,6 +235,10 @@ def test_first_bad_tensor_in_plan_order_is_named(tmp_path, depth):
     with pytest.raises(CheckpointError, match=messages[bad[0]]):
         merge_checkpoints(models, tmp_path / "out", method="ties", density=0.5, progress=False, depth=depth)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(CheckpointError, match="position_ids .* differs"):  # NaN allowed, the integers still differ
+        merge_checkpoints(models, tmp_path / "out", method="ties", density=0.5, progress=False, depth=depth,
+                          allow_nonfinite=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     tensors["position_ids"] = tensors["position_ids"] - 1
     save_file(tensors, str(models[1]))
     with pytest.raises(CheckpointError, match=messages[floats[0]]):
