@@ -2,8 +2,9 @@
 
 A merge cannot do less I/O than this. The output is written the way
 `jaxmerge merge` writes its shards (`jaxmerge.formats.safetensors_io.StreamedFile`:
-write-back as it goes, pages recycled), so the floor is not slower than the
-writer it bounds. `io_floor_in_child` runs it in a child process: the
+write-back as it goes, pages recycled) and the inputs are read the way it reads
+them (`jaxmerge.formats._pread.read_into`), so the floor is not slower than the
+reader and writer it bounds. `io_floor_in_child` runs it in a child process: the
 benchmarks' parents stay free of JAX, whose memory a later child's peak RSS
 would otherwise count (a child's ru_maxrss starts from its parent's at fork).
 """
@@ -31,9 +32,13 @@ def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_b
       read_bytes: how much of the inputs, in order, the tool must read (default all; a mixture of
         experts reads only each expert's MLP tensors and the base's others: as many bytes as it writes).
 
-    One reused 64 MB buffer (`readinto`): no allocation per block, so this is the
-    I/O alone (page-cache copies and the disk's write-back), not Python's allocator.
+    One reused 64 MB buffer: no allocation per block, so this is the I/O alone
+    (page-cache copies and the disk's write-back), not Python's allocator. Read
+    as `jaxmerge merge` reads its inputs (`jaxmerge.formats._pread.read_into`:
+    large ranges in pieces read by several threads at once), so that the floor
+    is not slower than the reader it bounds either.
     """
+    from jaxmerge.formats._pread import read_into
     from jaxmerge.formats.safetensors_io import StreamedFile
 
     buf = bytearray(64 << 20)
@@ -43,15 +48,17 @@ def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_b
     if target > 0 and total == 0:
         raise ValueError(f"io_floor: the inputs are empty, nothing to write {target} bytes from")
     start = time.perf_counter()
-    read_files(inputs, view, total if read_bytes is None else int(read_bytes))
+    read_files(inputs, view, total if read_bytes is None else int(read_bytes), read_range=read_into)
     dst = StreamedFile(out)
     written = 0
     try:
         for path in itertools.cycle(inputs):
-            with open(path, "rb", buffering=0) as src:
-                while written < target and (n := src.readinto(view[:min(len(view), target - written)])):
-                    dst.write(view[:n])
-                    written += n
+            size, at = Path(path).stat().st_size, 0
+            while written < target and at < size:
+                n = min(len(view), size - at, target - written)
+                read_into(path, at, view[:n])
+                dst.write(view[:n])
+                at, written = at + n, written + n
             if written >= target:
                 break
     except BaseException:
@@ -64,15 +71,29 @@ def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_b
     return elapsed
 
 
-def read_files(paths: list[Path], view: memoryview, limit: int | None = None) -> int:
-    """Read `paths` in order (at most `limit` bytes in all) into the reused buffer `view`; returns the bytes read."""
+def read_files(paths: list[Path], view: memoryview, limit: int | None = None, read_range=None) -> int:
+    """Read `paths` in order (at most `limit` bytes in all) into the reused buffer `view`; returns the bytes read.
+
+    `read_range(path, offset, view)` fills `view` from `offset` on (default: one thread's `readinto`;
+    `io_floor` passes jaxmerge's reader, which a parent process that must stay free of JAX cannot import).
+    """
+    read_range = read_range or _readinto
     to_read = sum(Path(p).stat().st_size for p in paths) if limit is None else limit
     done = 0
     for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while done < to_read and (n := f.readinto(view[:min(len(view), to_read - done)])):
-                done += n
+        size, at = Path(path).stat().st_size, 0
+        while done < to_read and at < size:
+            n = min(len(view), size - at, to_read - done)
+            read_range(path, at, view[:n])
+            at, done = at + n, done + n
     return done
+
+
+def _readinto(path: Path, offset: int, view: memoryview) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while len(view) and (n := f.readinto(view)):
+            view = view[n:]
 
 
 def warm_page_cache(paths: list[Path]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("mergekit")
@@ -53,6 +54,23 @@ def test_fresh_buffers_benchmark_times_both_allocations(tmp_path):
     result = fresh_buffers.run(nbytes=5 << 20, rounds=2, gap=0, directory=str(tmp_path))  # and the bytes agreed
     for seconds in (result["fresh_s"], result["again_s"]):
         assert set(seconds) == {"numpy", "mapped"} and all(len(s) == 2 and min(s) > 0 for s in seconds.values())
+
+
+def test_parallel_reads_benchmark_times_one_thread_and_several(tmp_path, monkeypatch):
+    from benchmarks import parallel_reads
+    from jaxmerge.formats import _pread
+
+    monkeypatch.setattr(_pread, "reading_threads", lambda: 2)
+    monkeypatch.setattr(_pread, "MIN_PIECE", 4096)
+    files = []
+    for i, size in enumerate((300_000, 123_457)):
+        files.append(tmp_path / f"f{i}.bin")
+        files[-1].write_bytes(np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes())
+    result = parallel_reads.run(files, range_bytes=65_536, rounds=2)  # and both ways read the same bytes
+    assert set(result["seconds"]) == {"one thread", "2 threads"}
+    assert all(len(s) == 2 and min(s) > 0 for s in result["seconds"].values())
+    assert result["gb"] == pytest.approx(423_457 / 1e9)
+    assert _pread.reading_threads() == 2  # put back
 
 
 @pytest.mark.slow
@@ -195,10 +213,8 @@ def test_warm_page_cache_reads_every_byte_once(tmp_path):
 
 
 def test_io_floor_reads_and_writes_the_bytes_asked(tmp_path, monkeypatch):
-    import builtins
-
     from benchmarks.floor import io_floor
-    from jaxmerge.formats import safetensors_io
+    from jaxmerge.formats import _pread, safetensors_io
 
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(b"a" * 1000)
@@ -210,29 +226,14 @@ def test_io_floor_reads_and_writes_the_bytes_asked(tmp_path, monkeypatch):
             counted["written"] += bytes(data)
             return super().write(data)
 
-    real_open = builtins.open
+    real_read_into = _pread.read_into
 
-    class CountingReader:
-        def __init__(self, f):
-            self.f = f
-
-        def readinto(self, view):
-            n = self.f.readinto(view)
-            counted["read"] += n
-            return n
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def counting_open(path, mode="r", *args, **kwargs):
-        f = real_open(path, mode, *args, **kwargs)
-        return CountingReader(f) if mode == "rb" and str(path).endswith(("a.bin", "b.bin")) else f
+    def counting_read_into(path, offset, view):  # the floor reads as jaxmerge reads
+        real_read_into(path, offset, view)
+        counted["read"] += len(view)
 
     monkeypatch.setattr(safetensors_io, "StreamedFile", CountingFile)
-    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(_pread, "read_into", counting_read_into)
     assert io_floor([a, b], tmp_path / "out.bin", out_bytes=2500, read_bytes=1200) > 0
     # 1200 read first, then the written bytes read again from the inputs in turn: a (1000), then b (1500).
     assert counted["written"] == b"a" * 1000 + b"b" * 1500

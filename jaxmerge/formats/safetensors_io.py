@@ -33,6 +33,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from jaxmerge.formats._pread import read_into
+
 DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -180,7 +182,8 @@ class Checkpoint:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None
 
     def read_host(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
-        """One tensor as a NumPy array in a 64-byte-aligned host buffer, read with positioned reads.
+        """One tensor as a NumPy array in a 64-byte-aligned host buffer, read with positioned reads
+        (large tensors in pieces read by several threads at once: `jaxmerge.formats._pread`).
 
         The bytes are the file's, unconverted (bfloat16 via ml_dtypes). The
         alignment lets `jax.device_put(array, may_alias=True)` adopt the buffer
@@ -204,15 +207,7 @@ class Checkpoint:
         nbytes = info.nbytes
         buf = host_buffer(nbytes, into)
         try:
-            with open(file, "rb", buffering=0) as f:
-                done = 0
-                view = memoryview(buf)
-                while done < nbytes:
-                    f.seek(offset + done)
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise OSError(errno.EIO, f"unexpected end of file after {offset + done} bytes")
-                    done += got
+            read_into(file, offset, memoryview(buf))
         except OSError as err:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({err.strerror or err})") from None
         return buf.view(DTYPES[info.dtype]).reshape(info.shape)
