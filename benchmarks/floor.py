@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_bytes: int | None = None) -> float:
+def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_bytes: int | None = None,
+             threads: int | None = None) -> float:
     """Seconds to read `inputs` once and write `out_bytes` of them to `out` (then removed).
 
     Args:
@@ -31,6 +32,8 @@ def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_b
         (a mixture of experts is larger than each model), the inputs' bytes are written in turn.
       read_bytes: how much of the inputs, in order, the tool must read (default all; a mixture of
         experts reads only each expert's MLP tensors and the base's others: as many bytes as it writes).
+      threads: reading threads (default: as many as jaxmerge reads with; 1: the floor as measured before
+        jaxmerge read in parallel, for comparisons with earlier results).
 
     One reused 64 MB buffer: no allocation per block, so this is the I/O alone
     (page-cache copies and the disk's write-back), not Python's allocator. Read
@@ -38,8 +41,11 @@ def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_b
     large ranges in pieces read by several threads at once), so that the floor
     is not slower than the reader it bounds either.
     """
-    from jaxmerge.formats._pread import read_into
+    from jaxmerge.formats import _pread
     from jaxmerge.formats.safetensors_io import StreamedFile
+
+    def read_range(path, offset, view):
+        _pread.read_into(path, offset, view, threads)
 
     buf = bytearray(64 << 20)
     view = memoryview(buf)
@@ -48,7 +54,7 @@ def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_b
     if target > 0 and total == 0:
         raise ValueError(f"io_floor: the inputs are empty, nothing to write {target} bytes from")
     start = time.perf_counter()
-    read_files(inputs, view, total if read_bytes is None else int(read_bytes), read_range=read_into)
+    read_files(inputs, view, total if read_bytes is None else int(read_bytes), read_range=read_range)
     dst = StreamedFile(out)
     written = 0
     try:
@@ -56,7 +62,7 @@ def io_floor(inputs: list[Path], out: Path, out_bytes: int | None = None, read_b
             size, at = Path(path).stat().st_size, 0
             while written < target and at < size:
                 n = min(len(view), size - at, target - written)
-                read_into(path, at, view[:n])
+                read_range(path, at, view[:n])
                 dst.write(view[:n])
                 at, written = at + n, written + n
             if written >= target:
@@ -107,11 +113,11 @@ def warm_page_cache(paths: list[Path]) -> int:
 
 
 def io_floor_in_child(inputs: list[Path], out: Path, out_bytes: int | None = None,
-                      read_bytes: int | None = None) -> float:
+                      read_bytes: int | None = None, threads: int | None = None) -> float:
     """`io_floor` in a fresh Python process (see the module's docstring)."""
     code = ("import json, sys; from pathlib import Path; from benchmarks.floor import io_floor; "
             "args = json.loads(sys.argv[1]); print(io_floor([Path(p) for p in args[0]], Path(args[1]), *args[2:]))")
-    arg = json.dumps([[str(p) for p in inputs], str(out), out_bytes, read_bytes])
+    arg = json.dumps([[str(p) for p in inputs], str(out), out_bytes, read_bytes, threads])
     done = subprocess.run([sys.executable, "-c", code, arg], cwd=REPO, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the I/O floor's process failed:\n{done.stderr}")

@@ -219,7 +219,7 @@ def test_io_floor_reads_and_writes_the_bytes_asked(tmp_path, monkeypatch):
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(b"a" * 1000)
     b.write_bytes(b"b" * 3000)
-    counted = {"read": 0, "written": b""}
+    counted = {"read": 0, "written": b"", "threads": set()}
 
     class CountingFile(safetensors_io.StreamedFile):
         def write(self, data):
@@ -228,9 +228,10 @@ def test_io_floor_reads_and_writes_the_bytes_asked(tmp_path, monkeypatch):
 
     real_read_into = _pread.read_into
 
-    def counting_read_into(path, offset, view):  # the floor reads as jaxmerge reads
-        real_read_into(path, offset, view)
+    def counting_read_into(path, offset, view, threads=None):  # the floor reads as jaxmerge reads
+        real_read_into(path, offset, view, threads)
         counted["read"] += len(view)
+        counted["threads"].add(threads)
 
     monkeypatch.setattr(safetensors_io, "StreamedFile", CountingFile)
     monkeypatch.setattr(_pread, "read_into", counting_read_into)
@@ -238,6 +239,9 @@ def test_io_floor_reads_and_writes_the_bytes_asked(tmp_path, monkeypatch):
     # 1200 read first, then the written bytes read again from the inputs in turn: a (1000), then b (1500).
     assert counted["written"] == b"a" * 1000 + b"b" * 1500
     assert counted["read"] == 1200 + 2500  # no read past what is asked
+    assert counted["threads"] == {None}  # as many threads as jaxmerge reads with
+    assert io_floor([a, b], tmp_path / "out.bin", out_bytes=2500, read_bytes=1200, threads=1) > 0
+    assert counted["threads"] == {None, 1} and counted["read"] == 2 * (1200 + 2500)
     assert not (tmp_path / "out.bin").exists()  # removed after timing
     monkeypatch.undo()
     assert a.read_bytes() == b"a" * 1000 and b.read_bytes() == b"b" * 3000
@@ -245,3 +249,29 @@ def test_io_floor_reads_and_writes_the_bytes_asked(tmp_path, monkeypatch):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="inputs are empty"):
         io_floor([empty], tmp_path / "out.bin", out_bytes=10)
+
+
+def test_vs_mergekit_tables_show_the_one_thread_floor_where_measured():
+    """Results from before the parallel reader have one floor; later ones show the one-thread floor in brackets."""
+    import copy
+
+    from benchmarks.vs_mergekit import markdown
+
+    old = json.loads((Path(__file__).parents[1] / "benchmarks/results/vs_mergekit_tinyllama_night2.json").read_text())
+    row = old["rows"][0]
+    assert f"| {row['floor_s']:.2f} |" in markdown(old) and "one reading thread" in markdown(old)
+    new = copy.deepcopy(old)
+    for r in new["rows"]:
+        r["floor_one_thread_s"] = r["floor_s"] * 1.5
+        r["x_floor_one_thread_cached"] = r["jaxmerge_cached_s"] / r["floor_one_thread_s"]
+    assert f"| {row['floor_s']:.2f} ({row['floor_s'] * 1.5:.2f}) |" in markdown(new)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate", Path(__file__).parents[1] / "docs/hooks/generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    assert "in brackets" not in generate._bench_vs_mergekit(old)
+    page = generate._bench_vs_mergekit(new)
+    assert "in brackets, the floor with one reading thread" in page
+    assert f"{row['floor_s']:.2f} ({row['floor_s'] * 1.5:.2f})" in page
+    assert f"{row['x_floor_cached']:.1f} ({new['rows'][0]['x_floor_one_thread_cached']:.1f})" in page

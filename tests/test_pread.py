@@ -98,3 +98,25 @@ def test_read_host_names_the_file_when_it_was_cut_short_after_opening(tmp_path):
     os.truncate(file, file.stat().st_size - 1000)  # replaced while a merge runs
     with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read tensor w \(unexpected end of file"):
         ckpt.read_host("w")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_a_forked_child_reads_with_threads_of_its_own(data_file, monkeypatch):
+    """The parent's pool has no threads in a forked child: the child makes its own instead of waiting."""
+    path, data = data_file
+    monkeypatch.setattr(_pread, "MIN_PIECE", 4096)
+    monkeypatch.setattr(_pread, "reading_threads", lambda: 3)
+    _pread.read_into(path, 0, memoryview(bytearray(100_000)))  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 if it read the bytes, 1 if not; an alarm ends a hang
+        import signal
+
+        signal.alarm(20)
+        try:
+            buf = bytearray(100_000)
+            _pread.read_into(path, 5, memoryview(buf))
+            os._exit(0 if bytes(buf) == data[5:100_005] else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

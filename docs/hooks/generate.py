@@ -294,6 +294,12 @@ def _bench_methods(data: dict) -> str:
             + _table(["method", "models", "mergekit s", "jaxmerge s", "speed-up", "jaxmerge first call s"], rows))
 
 
+def _floor(row: dict, key: str, one_thread_key: str, digits: int) -> str:
+    """`row[key]`, and in brackets the figure against the one-reading-thread floor where the run has it."""
+    text = f"{row[key]:.{digits}f}"
+    return f"{text} ({row[one_thread_key]:.{digits}f})" if one_thread_key in row else text
+
+
 def _bench_vs_mergekit(data: dict) -> str:
     rows = []
     for r in data["rows"]:
@@ -301,9 +307,12 @@ def _bench_vs_mergekit(data: dict) -> str:
         rows.append([r["size"], r["dtype"], f"`{r['method']}`", f"{r['model_gb']:.2f}",
                      f"{r['mergekit_s']:.1f} / {peak['mergekit']:.2f}", f"{r['jaxmerge_s']:.1f}",
                      f"{r['jaxmerge_cached_s']:.1f}", f"{r['speedup']:.1f}x ({r['speedup_cached']:.1f}x)",
-                     f"{peak['jaxmerge_cached']:.2f} ({r['rss_ratio']:.2f}x)", f"{r['floor_s']:.2f}",
-                     f"{r['x_floor_cached']:.1f}"])
-    return (f"Medians of {data.get('rounds')} alternating rounds, each tool in its own process.\n\n"
+                     f"{peak['jaxmerge_cached']:.2f} ({r['rss_ratio']:.2f}x)", _floor(r, "floor_s", "floor_one_thread_s", 2),
+                     _floor(r, "x_floor_cached", "x_floor_one_thread_cached", 1)])
+    note = (" The floor reads as jaxmerge reads, with several threads; in brackets, the floor with one reading "
+            "thread, as measured before jaxmerge read in parallel."
+            if any("floor_one_thread_s" in r for r in data["rows"]) else "")
+    return (f"Medians of {data.get('rounds')} alternating rounds, each tool in its own process.{note}\n\n"
             + _table(["model", "dtype", "method", "GB per model", "mergekit s / peak GB", "jaxmerge s, compiling",
                       "jaxmerge s, cached", "speed-up (cached)", "jaxmerge peak GB (x mergekit's)", "floor s",
                       "cached x floor"], rows))

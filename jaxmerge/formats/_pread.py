@@ -48,13 +48,14 @@ def pieces(nbytes: int, threads: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [(0, nbytes)]
 
 
-def read_into(path: str | os.PathLike, offset: int, view: memoryview) -> None:
+def read_into(path: str | os.PathLike, offset: int, view: memoryview, threads: int | None = None) -> None:
     """Fill `view` with the `len(view)` bytes of `path` that start at `offset`.
 
     Args:
       path: the file.
       offset: the byte offset of the range in the file.
       view: a writable contiguous byte buffer (`memoryview` of a uint8 array).
+      threads: the most threads reading it at once (default `reading_threads()`).
 
     Raises:
       OSError: the file cannot be read, or ends before the range does (EIO).
@@ -68,7 +69,7 @@ def read_into(path: str | os.PathLike, offset: int, view: memoryview) -> None:
     fd = os.open(path, os.O_RDONLY)
     futures = []
     try:
-        ranges = pieces(len(view), reading_threads())
+        ranges = pieces(len(view), threads or reading_threads())
         futures = [_readers().submit(_pread, fd, offset + a, view[a:b]) for a, b in ranges[1:]]
         a, b = ranges[0]
         _pread(fd, offset + a, view[a:b])
@@ -102,3 +103,13 @@ def _readers() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max(1, reading_threads() - 1), thread_name_prefix="jaxmerge-read")
         return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child has none of the parent's threads: its pool would queue pieces nobody reads.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
