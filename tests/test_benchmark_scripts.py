@@ -275,3 +275,17 @@ def test_vs_mergekit_tables_show_the_one_thread_floor_where_measured():
     assert "in brackets, the floor with one reading thread" in page
     assert f"{row['floor_s']:.2f} ({row['floor_s'] * 1.5:.2f})" in page
     assert f"{row['x_floor_cached']:.1f} ({new['rows'][0]['x_floor_one_thread_cached']:.1f})" in page
+
+
+def test_the_parallel_reads_result_has_a_table_of_its_own():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate", Path(__file__).parents[1] / "docs/hooks/generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    path = Path(__file__).parents[1] / "benchmarks/results/parallel_reads.json"
+    data = json.loads(path.read_text())
+    page = generate._render_bench(path)
+    assert "| reading | median s | GB/s | every round s |" in page
+    for name, median in data["median_s"].items():
+        assert f"| {name} | {median:.3f} | {data['gb_per_s'][name]:.1f} |" in page

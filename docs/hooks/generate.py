@@ -345,6 +345,14 @@ def _bench_fresh_buffers(data: dict) -> str:
             + _table(["buffer", "median s, fresh", "median s, again", "every round s, fresh"], rows))
 
 
+def _bench_parallel_reads(data: dict) -> str:
+    rows = [[k, v, f"{data['gb_per_s'][k]:.1f}", ", ".join(f"{s:.3f}" for s in data["seconds"][k])]
+            for k, v in data["median_s"].items()]
+    return (f"{data['gb']:.1f} GB from {len(data['files'])} files in {data['range_mb']:.0f} MB ranges, "
+            f"{data['rounds']} alternating rounds.\n\n"
+            + _table(["reading", "median s", "GB/s", "every round s"], rows))
+
+
 def _bench_write_recycling(data: dict) -> str:
     med = data["median_s"]
     rows = [[k, v, ", ".join(f"{s:.2f}" for s in data["seconds"][k])] for k, v in med.items()]
@@ -389,6 +397,8 @@ def _render_bench(path: Path) -> str:
         render = _bench_quality
     elif "two_over_one" in data:
         render = _bench_processes
+    elif "gb_per_s" in data:
+        render = _bench_parallel_reads
     elif "median_s" in data and "seconds" in data:
         render = _bench_write_recycling
     elif "median_fresh_s" in data:
