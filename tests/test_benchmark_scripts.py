@@ -289,3 +289,17 @@ def test_the_parallel_reads_result_has_a_table_of_its_own():
     assert "| reading | median s | GB/s | every round s |" in page
     for name, median in data["median_s"].items():
         assert f"| {name} | {median:.3f} | {data['gb_per_s'][name]:.1f} |" in page
+
+
+def test_each_timed_run_starts_without_the_previous_output(tmp_path):
+    """`vs_mergekit.remove_output` clears a tool's last output (nested files too) and accepts a missing one."""
+    from benchmarks.vs_mergekit import remove_output
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"x" * 100)
+    (out / "sub" / "f").write_text("y")
+    remove_output(out)
+    assert not out.exists() and tmp_path.exists()
+    remove_output(out)  # nothing there: nothing to do
+    assert not out.exists()

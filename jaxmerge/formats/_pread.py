@@ -6,9 +6,11 @@ TinyLlama-shaped bfloat16 checkpoints of a ties merge, 8.8 GB in 22 MB ranges,
 medians of 7 alternating rounds: 1.02 s against 0.70 s;
 `python -m benchmarks.parallel_reads`). In a cached ties merge of them the
 read phase went from 1.82-1.83 s to 1.28-1.55 s (the kernels between the
-reads leave the copies slower than alone). Positioned reads (`os.preadv`) release the GIL
-and share one descriptor; where the platform has none (Windows), one thread
-reads with `readinto`.
+reads leave the copies slower than alone). Positioned reads (`os.preadv`)
+release the GIL and share one descriptor; where the platform has none
+(Windows), one thread reads with `readinto`. The helper threads are one
+shared pool, made again in a forked child (which has none of its parent's
+threads).
 """
 
 from __future__ import annotations
