@@ -38,20 +38,15 @@ def read_all(files: list[Path], range_bytes: int, buf: np.ndarray, threads: int,
 
     sizes = [f.stat().st_size for f in files]
     parts = [buf[i * range_bytes : (i + 1) * range_bytes] for i in range(len(files))]
-    original = _pread.reading_threads
-    _pread.reading_threads = lambda: threads
-    try:
-        start = time.perf_counter()
-        for offset in range(0, max(sizes), range_bytes):
-            for file, size, part in zip(files, sizes, parts):
-                n = min(range_bytes, size - offset)
-                if n > 0:
-                    _pread.read_into(file, offset, memoryview(part)[:n])
-                    if digest is not None:
-                        digest.update(part[:n:4099].tobytes())
-        return time.perf_counter() - start
-    finally:
-        _pread.reading_threads = original
+    start = time.perf_counter()
+    for offset in range(0, max(sizes), range_bytes):
+        for file, size, part in zip(files, sizes, parts):
+            n = min(range_bytes, size - offset)
+            if n > 0:
+                _pread.read_into(file, offset, memoryview(part)[:n], threads)
+                if digest is not None:
+                    digest.update(part[:n:4099].tobytes())
+    return time.perf_counter() - start
 
 
 def run(files: list[Path], range_bytes: int, rounds: int) -> dict:
