@@ -319,3 +319,73 @@ def test_each_timed_run_starts_without_the_previous_output(tmp_path):
     assert not out.exists() and tmp_path.exists()
     remove_output(out)  # nothing there: nothing to do
     assert not out.exists()
+
+
+def test_cold_reads_benchmark_evicts_the_inputs_before_every_timed_run(tmp_path, monkeypatch):
+    """`benchmarks.cold_reads`: a warm-up, then per round reading ahead, without (JAXMERGE_READ_AHEAD_BYTES=0)
+    and the I/O floor, each with the inputs out of the page cache; the medians and ratios of those runs."""
+    import os
+
+    from benchmarks import cold_reads
+
+    readahead = cold_reads._readahead()
+    models = []
+    for i in range(2):
+        models.append(tmp_path / f"m{i}")
+        models[-1].mkdir()
+        with open(models[-1] / "model.safetensors", "wb") as f:
+            f.write(np.random.default_rng(i).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
+            os.fsync(f.fileno())
+    files = [m / "model.safetensors" for m in models]
+
+    def cached() -> float:
+        fractions = []
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fractions.append(readahead.cached_fraction(fd, path.stat().st_size))
+            finally:
+                os.close(fd)
+        return max(f if f is not None else 1.0 for f in fractions)
+
+    events = []
+    seconds = iter([9.0, 2.0, 3.0, 2.2, 3.1])
+
+    def run_child(cmd, env):
+        assert cmd[1:4] == ["-m", "jaxmerge", "merge"]
+        events.append(("merge", env.get("JAXMERGE_READ_AHEAD_BYTES"), cached()))
+        for p in files:
+            p.read_bytes()  # as a merge would: the files are cached again afterwards
+        return next(seconds), 0.5
+
+    def floor(inputs, out):
+        assert inputs == files
+        events.append(("floor", None, cached()))
+        return 1.0
+
+    monkeypatch.setattr(cold_reads, "recipe_models", lambda recipe: models)
+    monkeypatch.setattr(cold_reads, "run_child", run_child)
+    monkeypatch.setattr(cold_reads, "io_floor_in_child", floor)
+    result = cold_reads.run(tmp_path / "recipe.yml", rounds=2, work=tmp_path / "work")
+    assert [e[:2] for e in events] == [("merge", None)] + [("merge", None), ("merge", "0"), ("floor", None)] * 2
+    if events[0][2] == 1.0 and max(e[2] for e in events[1:]) == 0.0:
+        pass  # evicted before every timed run, and cached when not
+    else:
+        assert any(e[2] == 1.0 for e in events), "mincore not available here"
+        pytest.skip(f"this file system keeps the files in memory: cached fractions {[e[2] for e in events]}")
+    assert result["seconds"] == {"read ahead": [2.0, 2.2], "no read-ahead": [3.0, 3.1], "I/O floor": [1.0, 1.0]}
+    assert result["speed_up"] == pytest.approx(3.05 / 2.1)
+    assert result["x_floor"]["read ahead"] == pytest.approx(2.1)
+    assert result["most_still_cached_after_evicting"] == 0.0
+
+
+def test_the_cold_reads_result_has_a_table_of_its_own(monkeypatch):
+    generate = _docs_generator(monkeypatch)
+    data = {"date": "2026-12-06", "machine": "m", "command": "c", "recipe": "r.yml", "inputs_gb": 8.8, "rounds": 3,
+            "median_s": {"read ahead": 12.5, "no read-ahead": 16.0, "I/O floor": 7.0},
+            "seconds": {"read ahead": [12.5, 12.4, 13.0], "no read-ahead": [16.0, 15.5, 17.0], "I/O floor": [7, 7, 7]},
+            "speed_up": 16.0 / 12.5, "x_floor": {"read ahead": 12.5 / 7, "no read-ahead": 16 / 7},
+            "most_still_cached_after_evicting": 0.0}
+    page = generate._bench_cold_reads(data)
+    assert "| read ahead | 12.500 | 12.50, 12.40, 13.00 |" in page
+    assert "1.28x faster than without" in page and "1.79x the I/O floor" in page

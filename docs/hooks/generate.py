@@ -353,6 +353,14 @@ def _bench_parallel_reads(data: dict) -> str:
             + _table(["reading", "median s", "GB/s", "every round s"], rows))
 
 
+def _bench_cold_reads(data: dict) -> str:
+    rows = [[k, v, ", ".join(f"{s:.2f}" for s in data["seconds"][k])] for k, v in data["median_s"].items()]
+    return (f"{data['inputs_gb']:.1f} GB of inputs dropped from the page cache before every run, "
+            f"{data['rounds']} alternating rounds: reading ahead {data['speed_up']:.2f}x faster than without, "
+            f"{data['x_floor']['read ahead']:.2f}x the I/O floor.\n\n"
+            + _table(["run", "median s", "every round s"], rows))
+
+
 def _bench_write_recycling(data: dict) -> str:
     med = data["median_s"]
     rows = [[k, v, ", ".join(f"{s:.2f}" for s in data["seconds"][k])] for k, v in med.items()]
@@ -399,6 +407,8 @@ def _render_bench(path: Path) -> str:
         render = _bench_processes
     elif "gb_per_s" in data:
         render = _bench_parallel_reads
+    elif "most_still_cached_after_evicting" in data:
+        render = _bench_cold_reads
     elif "median_s" in data and "seconds" in data:
         render = _bench_write_recycling
     elif "median_fresh_s" in data:

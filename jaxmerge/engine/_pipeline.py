@@ -7,7 +7,10 @@
 * the calling thread: `dispatch(item, read_result)`; JAX computations are
   dispatched asynchronously, so this returns before the merge is computed,
 * a writer thread: `write(item, dispatched)`, which waits for the result and
-  writes it (file writes release the GIL).
+  writes it (file writes release the GIL);
+* with `ranges`, a thread that asks the OS to read the next items' inputs into
+  the page cache while earlier ones merge (`jaxmerge.engine._prefetch`): at
+  every depth, 0 included, since the disk needs none of the cores.
 
 Memory is bounded by `depth`: at most `depth` items are in flight between the
 start of their read and the end of their write (a semaphore taken by the
@@ -36,6 +39,7 @@ from typing import Any
 import jax
 
 from jaxmerge.engine._ahead import THREAD_NAME as AHEAD_THREAD
+from jaxmerge.engine._prefetch import ByteRange, Prefetch
 
 # JAX's compilation events (trace to jaxpr, lowering to MLIR, XLA compile or persistent-cache load).
 _COMPILE_EVENTS = (
@@ -151,6 +155,8 @@ def run_ordered(
     *,
     depth: int = 2,
     between: Callable[[], None] | None = None,
+    ranges: Sequence[Sequence[ByteRange]] | None = None,
+    read_ahead: int | None = None,
 ) -> None:
     """`write(item, dispatch(item, read(item)))` for every item in order, the stages overlapped.
 
@@ -160,14 +166,25 @@ def run_ordered(
       depth: items in flight at most (0: serial in the calling thread, no threads).
       between: called before each item by every stage (e.g. `stop_if_terminated`);
         what it raises stops the run like a stage's error.
+      ranges: optional, per item, the (file, offset, bytes) ranges `read` reads: a background
+        thread asks the kernel to read them into the page cache ahead of the reader
+        (`jaxmerge.engine._prefetch`), so the disk works while earlier items merge.
+      read_ahead: bytes to advise ahead of the reader (default `_prefetch.default_read_ahead()`; 0: none).
 
     Raises:
       The error of the earliest item that failed, in whichever stage.
     """
+    with Prefetch(ranges or (), read_ahead) as prefetch:
+        _run_stages(items, read, dispatch, write, depth, between, prefetch)
+
+
+def _run_stages(items, read, dispatch, write, depth: int, between, prefetch: Prefetch) -> None:
+    """`run_ordered`'s stages; the reader tells `prefetch` which item it starts."""
     if depth <= 0:
-        for item in items:
+        for index, item in enumerate(items):
             if between is not None:
                 between()
+            prefetch.reading(index)
             write(item, dispatch(item, read(item)))
         return
 
@@ -195,6 +212,7 @@ def run_ordered(
                 try:
                     if between is not None:
                         between()
+                    prefetch.reading(index)
                     inbox.put((index, item, read(item)))
                 except BaseException as err:  # noqa: BLE001 - handed to the caller, in order
                     inbox.put(_Failure(index, err))

@@ -43,6 +43,7 @@ from jaxmerge.engine._ahead import AheadCompiler
 from jaxmerge.engine._atomic import atomic_directory, lies_inside, stop_if_terminated
 from jaxmerge.engine._finite import finite_flags as _finite, host_finite, raise_unless_finite
 from jaxmerge.engine._pipeline import PhaseProfile, run_ordered
+from jaxmerge.engine._prefetch import default_read_ahead
 from jaxmerge.formats.safetensors_io import (
     ALIGN,
     DTYPE_NAMES,
@@ -58,7 +59,7 @@ from jaxmerge.formats.safetensors_io import (
     shard_names,
     write_index,
 )
-from jaxmerge.formats.sources import TensorSource, checkpoint_files, open_checkpoint
+from jaxmerge.formats.sources import TensorSource, byte_ranges, checkpoint_files, open_checkpoint
 from jaxmerge.methods._table import MethodError
 from jaxmerge.methods.pytree import bind_method, merge_leaf, path_key
 
@@ -144,6 +145,7 @@ class MergePlan:
     given: list[str] = field(default_factory=list)  # the inputs as the caller named them
     extra_record: dict = field(default_factory=dict)
     depth: int = DEFAULT_DEPTH  # tensors in flight (see merge_checkpoints)
+    read_ahead: int = 0  # bytes of inputs the disk reads ahead of the merge (`engine._prefetch.default_read_ahead`)
     profile: dict = field(default_factory=dict)  # seconds per phase of the executed merge (PhaseProfile.as_dict)
 
     @property
@@ -289,6 +291,7 @@ def plan_merge(
         inputs=[c.path for c in checkpoints[: len(inputs)]], base=base_ckpt.path if base_ckpt else None,
         output=output, method=method, params=params, seed=seed, tensors=tensors, params_for=params_for,
         layout=layout, dtype=codes.get("dtype"), given=[str(p.path if isinstance(p, TensorSource) else p) for p in sources], depth=default_depth(),
+        read_ahead=default_read_ahead(),
     )
     for entry, info in zip(layout, tensors):
         per_tensor = {**params, **(entry.params or {}), **(params_for(entry.name) if params_for else {})}
@@ -498,7 +501,9 @@ def merge_checkpoints(
             bar.set_postfix_str(info.name[-40:], refresh=False)
 
         try:
-            run_ordered(items, read, dispatch, write, depth=plan.depth, between=stop_if_terminated)
+            run_ordered(items, read, dispatch, write, depth=plan.depth, between=stop_if_terminated,
+                        ranges=[byte_ranges((checkpoints[i], name) for i, name in entries[info.name].sources)
+                                for _, _, info in items], read_ahead=plan.read_ahead)
         finally:
             for writer in writers.values():  # a shard left open by an error: its file is discarded
                 writer.abort()

@@ -181,6 +181,14 @@ class Checkpoint:
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None
 
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, bytes) of the tensor's data, for reading ahead (`jaxmerge.engine._prefetch`);
+        None when its header was not parsed (`read_host` then reads through the library)."""
+        offset = self._offset_of.get(name)
+        if offset is None or name not in self.tensors:
+            return None
+        return self._file_of[name], offset, self.tensors[name].nbytes
+
     def read_host(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """One tensor as a NumPy array in a 64-byte-aligned host buffer, read with positioned reads
         (large tensors in pieces read by several threads at once: `jaxmerge.formats._pread`).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -120,6 +120,19 @@ def open_checkpoint(path: str | os.PathLike | TensorSource) -> TensorSource:
 
         return FlaxCheckpoint(path)
     return Checkpoint(path)
+
+
+def byte_ranges(tensors: Iterable[tuple[TensorSource, str]]) -> list[tuple[Path, int, int]]:
+    """The (file, offset, bytes) ranges that reading these (source, tensor name) pairs reads from disk, for
+    the engine to read ahead (`jaxmerge.engine._prefetch`). Sources that read their tensors some other way
+    (computed, folded, Orbax) have no `byte_range` and add none: they are read without prefetching."""
+    ranges = []
+    for source, name in tensors:
+        byte_range = getattr(source, "byte_range", None)
+        found = byte_range(name) if byte_range is not None else None
+        if found is not None:
+            ranges.append(found)
+    return ranges
 
 
 def _is_flax_orbax(path: str | os.PathLike) -> bool:

@@ -19,7 +19,7 @@ from jaxmerge.engine._atomic import atomic_directory, stop_if_terminated
 from jaxmerge.engine._pipeline import run_ordered
 from jaxmerge.engine.lapack_threads import limit_lapack_threads
 from jaxmerge.formats.safetensors_io import DTYPES, CheckpointError, ShardWriter
-from jaxmerge.formats.sources import TensorSource
+from jaxmerge.formats.sources import TensorSource, byte_ranges
 from jaxmerge.methods.pytree import path_key
 from jaxmerge.tools.extract_lora import svd
 from jaxmerge.tools.extract_lora.plan import ExtractionPlan, _lora_infos, _Work, plan_extraction
@@ -75,7 +75,7 @@ def _compiler(items: Sequence[_Work], ft: TensorSource, base: TensorSource,
 
 
 def _first_pass(plan: ExtractionPlan, ft: TensorSource, base: TensorSource, key, rule: RankRule, sv_epsilon: float,
-                progress: Callable[[_Work], None], depth: int) -> None:
+                progress: Callable[[_Work], None], depth: int, read_ahead: int) -> None:
     """Fix every module's rank from its singular values (the rank rules and --sv-epsilon).
 
     Reads each decomposed module once (overlapped with the SVDs, `run_ordered`), computes its top
@@ -110,7 +110,8 @@ def _first_pass(plan: ExtractionPlan, ft: TensorSource, base: TensorSource, key,
         progress(w)
 
     with ahead:
-        run_ordered(lora, read, dispatch, write, depth=depth, between=stop_if_terminated)
+        run_ordered(lora, read, dispatch, write, depth=depth, between=stop_if_terminated,
+                    ranges=[byte_ranges([(ft, w.tensor), (base, w.tensor)]) for w in lora], read_ahead=read_ahead)
     ranks = choose_ranks(rule, spectra, sv_epsilon)
     kept: list[_Work] = []
     for w in plan.work:
@@ -185,6 +186,7 @@ def extract_lora_adapter(
     Raises:
       CheckpointError, ValueError, FileExistsError: bad input, before any tensor is computed (one line).
     """
+    from jaxmerge.engine._prefetch import default_read_ahead
     from jaxmerge.engine.stream import default_depth
 
     plan, ft, base_src = plan_extraction(
@@ -195,20 +197,22 @@ def extract_lora_adapter(
     )
     key = jax.random.key(seed)
     depth = default_depth() if depth is None else depth
+    read_ahead = default_read_ahead()  # checked before any work, as the depth
     # Every kernel's result is read back (the writes, the reports) before the limit is lifted.
     with limit_lapack_threads(svd.lapack_threads((w.method, w.shape) for w in plan.work if w.action == "lora")):
-        return _extract(plan, ft, base_src, key, distribute_scale, force, progress, invocation, depth)
+        return _extract(plan, ft, base_src, key, distribute_scale, force, progress, invocation, depth, read_ahead)
 
 
 def _extract(plan: ExtractionPlan, ft: TensorSource, base_src: TensorSource, key, distribute_scale: bool,
-             force: bool, progress: bool, invocation: str | None, depth: int) -> ExtractionPlan:
+             force: bool, progress: bool, invocation: str | None, depth: int, read_ahead: int) -> ExtractionPlan:
     """`extract_lora_adapter`'s two passes over the planned modules, and the adapter directory."""
     from tqdm.auto import tqdm
 
     if plan.rule.needs_spectrum or plan.options["sv_epsilon"] > 0:
         lora = [w for w in plan.work if w.action == "lora"]
         with tqdm(total=len(lora), desc="singular values", disable=not progress) as bar:
-            _first_pass(plan, ft, base_src, key, plan.rule, plan.options["sv_epsilon"], lambda w: bar.update(1), depth)
+            _first_pass(plan, ft, base_src, key, plan.rule, plan.options["sv_epsilon"], lambda w: bar.update(1), depth,
+                        read_ahead)
     infos = plan.tensors
     metadata = {"format": "pt", "jaxmerge_version": __version__,
                 "jaxmerge_extract_lora": json.dumps({"model": plan.model, "base": plan.base, **plan.options})}
@@ -255,7 +259,9 @@ def _extract(plan: ExtractionPlan, ft: TensorSource, base_src: TensorSource, key
             bar.update(sum(i.nbytes for i in w.outputs))
 
         try:
-            run_ordered(plan.work, read, dispatch, write, depth=depth, between=stop_if_terminated)
+            run_ordered(plan.work, read, dispatch, write, depth=depth, between=stop_if_terminated,
+                        ranges=[byte_ranges([(ft, w.tensor)] + ([] if w.action == "save" else [(base_src, w.tensor)]))
+                                for w in plan.work], read_ahead=read_ahead)
             writer.close()
         except BaseException:
             writer.abort()

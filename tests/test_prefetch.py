@@ -1,0 +1,270 @@
+"""Reading ahead: the OS helpers (`formats._readahead`), how far ahead `engine._prefetch.Prefetch` goes, and the
+merge and extract-lora runs that hand it their inputs' byte ranges."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxmerge.engine import _pipeline, _prefetch
+from jaxmerge.engine._prefetch import Prefetch, default_read_ahead
+from jaxmerge.engine.stream import merge_checkpoints
+from jaxmerge.formats import _readahead
+from jaxmerge.formats.safetensors_io import Checkpoint, CheckpointError
+from tiny_models import write_safetensors_models
+
+needs_readahead = pytest.mark.skipif(not _readahead.supported() or _readahead._libc() is None,
+                                     reason="no posix_fadvise or mincore on this platform")
+
+
+def _evicted_file(path: Path, nbytes: int) -> int:
+    """A file of `nbytes` written, synced and dropped from the page cache; returns a read descriptor."""
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages leave the cache; no privilege needed
+    return fd
+
+
+@needs_readahead
+def test_advice_reads_an_evicted_file_into_memory(tmp_path):
+    size = 4 << 20
+    fd = _evicted_file(tmp_path / "f.bin", size)
+    try:
+        before = _readahead.cached_fraction(fd, size)
+        if before is None or before > 0.5:
+            pytest.skip(f"this file system keeps the file in memory or cannot tell (cached fraction {before})")
+        assert _readahead.cached_fraction(fd, size) == before  # looking reads nothing
+        _readahead.advise(fd, 0, size)
+        deadline = time.monotonic() + 10
+        while _readahead.cached_fraction(fd, size) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Every page, up to the last: one call of 4 MB could have stopped at the device's cap.
+        assert _readahead.cached_fraction(fd, size) == 1.0
+    finally:
+        os.close(fd)
+
+
+@needs_readahead
+def test_the_cached_fraction_counts_what_is_in_memory(tmp_path):
+    size = 8 << 20
+    fd = _evicted_file(tmp_path / "f.bin", size)
+    try:
+        if _readahead.cached_fraction(fd, size) != 0:
+            pytest.skip("this file system keeps the file in memory or cannot tell")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what is read
+        os.preadv(fd, [bytearray(size // 4)], 0)  # the first quarter read: now in memory
+        assert 0.2 <= _readahead.cached_fraction(fd, size, samples=1000) <= 0.3
+        assert _readahead.cached_fraction(fd, 0) == 1.0
+    finally:
+        os.close(fd)
+
+
+def test_a_file_is_advised_unless_nearly_all_cached(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 100_000)
+    for fraction, advised in ((1.0, False), (_prefetch.CACHED, False), (0.5, True), (None, True)):
+        monkeypatch.setattr(_readahead, "cached_fraction", lambda fd, size, f=fraction: f)
+        fd = _prefetch._open_uncached(path)
+        assert (fd is not None) == advised, fraction
+        if fd is not None:
+            os.close(fd)
+    monkeypatch.undo()
+    monkeypatch.setattr(_readahead, "_libc", lambda: None)  # no mincore: the OS cannot tell
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _readahead.cached_fraction(fd, 100_000) is None
+    finally:
+        os.close(fd)
+
+
+def test_advice_goes_in_pieces_every_device_reads_whole(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, advice: calls.append((offset, n)), raising=False)
+    monkeypatch.setattr(os, "POSIX_FADV_WILLNEED", 3, raising=False)
+    _readahead.advise(7, 1000, 3 * _readahead.PIECE + 5)
+    assert calls == [(1000, _readahead.PIECE), (1000 + _readahead.PIECE, _readahead.PIECE),
+                     (1000 + 2 * _readahead.PIECE, _readahead.PIECE), (1000 + 3 * _readahead.PIECE, 5)]
+
+
+class _Recorder:
+    """Stands in for the OS: every file uncached, each advice recorded as (file, offset, bytes)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, int, int]] = []
+        self.paths: dict[int, str] = {}
+        self.lock = threading.Lock()
+        real_open = _prefetch._open_uncached
+
+        def open_uncached(path):
+            fd = os.open(path, os.O_RDONLY)
+            self.paths[fd] = str(path)
+            return fd
+
+        def advise(fd, offset, nbytes):
+            with self.lock:
+                self.calls.append((self.paths[fd], offset, nbytes))
+
+        self.real_open = real_open
+        monkeypatch.setattr(_prefetch, "_open_uncached", open_uncached)
+        monkeypatch.setattr(_readahead, "advise", advise)
+        monkeypatch.setattr(_readahead, "supported", lambda: True)
+
+    def advised(self) -> list[tuple[str, int, int]]:
+        with self.lock:
+            return list(self.calls)
+
+    def wait_for(self, count: int, timeout: float = 10.0, settle: float = 0.1) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.advised()) < count and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(settle)  # anything advised past the expected would show now
+        return self.advised()
+
+
+def _items(path: Path, count: int, size: int) -> list[list[tuple[Path, int, int]]]:
+    path.write_bytes(b"\0" * (count * size))
+    return [[(path, i * size, size)] for i in range(count)]
+
+
+def test_prefetch_stays_within_its_bytes_ahead_of_the_reader(tmp_path, monkeypatch):
+    recorder = _Recorder(monkeypatch)
+    items = _items(tmp_path / "f.bin", 10, 100)
+    with Prefetch(items, read_ahead=350) as prefetch:
+        prefetch.reading(0)
+        # From item 0's start, items 1 and 2 end within 350 bytes, item 3 does not.
+        assert [offset for _, offset, _ in recorder.wait_for(2)] == [100, 200]
+        prefetch.reading(5)
+        # Items 3-5 were passed (the reader reads them itself); 6 and 7 fit from item 5's start.
+        assert [offset for _, offset, _ in recorder.wait_for(4)] == [100, 200, 600, 700]
+        prefetch.reading(9)
+        assert [offset for _, offset, _ in recorder.wait_for(4)] == [100, 200, 600, 700]
+    assert not prefetch._thread.is_alive()
+
+
+def test_the_next_item_is_advised_even_when_larger_than_the_read_ahead(tmp_path, monkeypatch):
+    recorder = _Recorder(monkeypatch)
+    items = _items(tmp_path / "f.bin", 4, 1000)
+    prefetch = Prefetch(items, read_ahead=10)
+    prefetch.reading(1)  # before the thread starts: it begins after item 1
+    with prefetch:
+        assert [offset for _, offset, _ in recorder.wait_for(1)] == [2000]
+
+
+def test_cached_inputs_start_no_advice_and_the_thread_ends(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_readahead, "advise", lambda *args: calls.append(args))
+    monkeypatch.setattr(_readahead, "cached_fraction", lambda fd, size, samples=64: 1.0)
+    monkeypatch.setattr(_readahead, "supported", lambda: True)
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with Prefetch(_items(tmp_path / "f.bin", 5, 100), read_ahead=1 << 20) as prefetch:
+        prefetch._thread.join(timeout=10)
+        assert not prefetch._thread.is_alive()  # it ended on its own: nothing to do
+    assert calls == [] and prefetch.advised == 0
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) == before  # its descriptors are closed
+
+
+def test_an_error_stops_the_advice_not_the_run(tmp_path, monkeypatch):
+    recorder = _Recorder(monkeypatch)
+
+    def refuse(fd, offset, nbytes):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(_readahead, "advise", refuse)
+    items = _items(tmp_path / "f.bin", 5, 100)
+    with Prefetch(items, read_ahead=1 << 20) as prefetch:
+        prefetch.reading(0)
+        prefetch._thread.join(timeout=10)
+        assert not prefetch._thread.is_alive()
+    assert recorder.advised() == []
+    # A file that went away: the same.
+    (tmp_path / "f.bin").unlink()
+    monkeypatch.setattr(_prefetch, "_open_uncached", recorder.real_open)
+    with Prefetch(items, read_ahead=1 << 20) as prefetch:
+        prefetch._thread.join(timeout=10)
+        assert not prefetch._thread.is_alive()
+
+
+def test_no_thread_without_ranges_or_read_ahead(tmp_path, monkeypatch):
+    monkeypatch.setattr(_readahead, "supported", lambda: True)
+    with Prefetch([[], []], read_ahead=1 << 20) as prefetch:
+        assert prefetch._thread is None
+    with Prefetch(_items(tmp_path / "f.bin", 2, 10), read_ahead=0) as prefetch:
+        assert prefetch._thread is None
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_the_pipeline_tells_the_prefetch_each_item_in_order(depth, monkeypatch):
+    seen = []
+    monkeypatch.setattr(Prefetch, "reading", lambda self, index: seen.append(index))
+    out = []
+    _pipeline.run_ordered(list(range(6)), lambda i: i, lambda i, r: r * 2, lambda i, d: out.append(d),
+                          depth=depth, ranges=[[] for _ in range(6)], read_ahead=1 << 20)
+    assert seen == list(range(6)) and out == [0, 2, 4, 6, 8, 10]
+
+
+def test_read_ahead_from_the_environment(monkeypatch):
+    monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", "12345")
+    assert default_read_ahead() == 12345
+    monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", "0")
+    assert default_read_ahead() == 0
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", bad)
+        with pytest.raises(CheckpointError, match=f"JAXMERGE_READ_AHEAD_BYTES.*{bad}"):
+            default_read_ahead()
+    monkeypatch.delenv("JAXMERGE_READ_AHEAD_BYTES")
+    assert 0 < default_read_ahead() <= _prefetch.DEFAULT_READ_AHEAD
+
+
+def test_a_bad_read_ahead_stops_the_merge_before_it_writes(tmp_path, monkeypatch):
+    models = write_safetensors_models(tmp_path / "in", 2, {"w": (8, 8)}, seed=0)
+    monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", "much")
+    with pytest.raises(CheckpointError, match="JAXMERGE_READ_AHEAD_BYTES"):
+        merge_checkpoints(models, tmp_path / "out", method="linear", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_a_merge_advises_its_inputs_ranges_ahead_and_writes_the_same_bytes(tmp_path, monkeypatch, depth):
+    shapes = {f"layers.{i}.w": (64, 32) for i in range(6)} | {"norm": (32,)}
+    models = write_safetensors_models(tmp_path / "in", 3, shapes, seed=1, dtype=np.float32)
+    monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", "0")
+    reference = merge_checkpoints(models, tmp_path / "ref", method="linear", progress=False, depth=depth)
+    assert reference.read_ahead == 0
+    recorder = _Recorder(monkeypatch)
+    items = len(Checkpoint(models[0]).tensors)
+    reading = Prefetch.reading
+
+    def reading_after_the_advice(self, index):
+        reading(self, index)
+        if index + 1 < items:  # the next item's 3 ranges are always allowed: wait for them (tiny reads race)
+            recorder.wait_for(3 * (index + 1), settle=0)
+
+    monkeypatch.setattr(Prefetch, "reading", reading_after_the_advice)
+    monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", str(1 << 30))
+    plan = merge_checkpoints(models, tmp_path / "out", method="linear", progress=False, depth=depth)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    ranges = {(str(c._file_of[n]), *c.byte_range(n)[1:]) for c in map(Checkpoint, models) for n in c.tensors}
+    advised = recorder.advised()
+    # Every input tensor but those of the first item read (the reader's own) is advised, once.
+    assert len(advised) == len(set(advised)) == len(ranges) - len(models)
+    assert set(advised) <= ranges
+    assert plan.read_ahead == 1 << 30
+
+
+def test_extract_lora_advises_both_models_ranges(tmp_path, monkeypatch):
+    from jaxmerge.tools.extract_lora import extract_lora_adapter
+
+    shapes = {f"model.layers.{i}.mlp.up_proj.weight": (64, 32) for i in range(4)}
+    base, ft = write_safetensors_models(tmp_path / "in", 2, shapes, seed=2, dtype=np.float32)
+    recorder = _Recorder(monkeypatch)
+    extract_lora_adapter(ft, base, tmp_path / "adapter", max_rank=4, module_types="names")
+    files = {str(Checkpoint(p)._file_of[n]) for p in (base, ft) for n in shapes}
+    advised = recorder.advised()
+    assert advised and {path for path, _, _ in advised} == files
