@@ -68,12 +68,9 @@ def test_the_cached_fraction_counts_what_is_in_memory(tmp_path):
 def test_a_file_is_advised_unless_nearly_all_cached(tmp_path, monkeypatch):
     path = tmp_path / "f.bin"
     path.write_bytes(b"x" * 100_000)
-    for fraction, advised in ((1.0, False), (_prefetch.CACHED, False), (0.5, True), (None, True)):
+    for fraction, cached in ((1.0, True), (_prefetch.CACHED, True), (0.5, False), (None, False)):
         monkeypatch.setattr(_readahead, "cached_fraction", lambda fd, size, f=fraction: f)
-        fd = _prefetch._open_uncached(path)
-        assert (fd is not None) == advised, fraction
-        if fd is not None:
-            os.close(fd)
+        assert _prefetch._looks_cached(path) == cached, fraction
     monkeypatch.undo()
     monkeypatch.setattr(_readahead, "_libc", lambda: None)  # no mincore: the OS cannot tell
     fd = os.open(path, os.O_RDONLY)
@@ -97,22 +94,14 @@ class _Recorder:
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[str, int, int]] = []
-        self.paths: dict[int, str] = {}
         self.lock = threading.Lock()
-        real_open = _prefetch._open_uncached
 
-        def open_uncached(path):
-            fd = os.open(path, os.O_RDONLY)
-            self.paths[fd] = str(path)
-            return fd
-
-        def advise(fd, offset, nbytes):
+        def advise_range(path, offset, nbytes):
             with self.lock:
-                self.calls.append((self.paths[fd], offset, nbytes))
+                self.calls.append((str(path), offset, nbytes))
 
-        self.real_open = real_open
-        monkeypatch.setattr(_prefetch, "_open_uncached", open_uncached)
-        monkeypatch.setattr(_readahead, "advise", advise)
+        monkeypatch.setattr(_prefetch, "_looks_cached", lambda path: False)
+        monkeypatch.setattr(_prefetch, "_advise_range", advise_range)
         monkeypatch.setattr(_readahead, "supported", lambda: True)
 
     def advised(self) -> list[tuple[str, int, int]]:
@@ -173,10 +162,10 @@ def test_cached_inputs_start_no_advice_and_the_thread_ends(tmp_path, monkeypatch
 def test_an_error_stops_the_advice_not_the_run(tmp_path, monkeypatch):
     recorder = _Recorder(monkeypatch)
 
-    def refuse(fd, offset, nbytes):
+    def refuse(path, offset, nbytes):
         raise OSError(22, "Invalid argument")
 
-    monkeypatch.setattr(_readahead, "advise", refuse)
+    monkeypatch.setattr(_prefetch, "_advise_range", refuse)
     items = _items(tmp_path / "f.bin", 5, 100)
     with Prefetch(items, read_ahead=1 << 20) as prefetch:
         prefetch.reading(0)
@@ -185,7 +174,8 @@ def test_an_error_stops_the_advice_not_the_run(tmp_path, monkeypatch):
     assert recorder.advised() == []
     # A file that went away: the same.
     (tmp_path / "f.bin").unlink()
-    monkeypatch.setattr(_prefetch, "_open_uncached", recorder.real_open)
+    monkeypatch.undo()
+    monkeypatch.setattr(_readahead, "supported", lambda: True)
     with Prefetch(items, read_ahead=1 << 20) as prefetch:
         prefetch._thread.join(timeout=10)
         assert not prefetch._thread.is_alive()
@@ -268,3 +258,25 @@ def test_extract_lora_advises_both_models_ranges(tmp_path, monkeypatch):
     files = {str(Checkpoint(p)._file_of[n]) for p in (base, ft) for n in shapes}
     advised = recorder.advised()
     assert advised and {path for path, _, _ in advised} == files
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+@needs_readahead
+def test_no_descriptor_is_held_between_advice(tmp_path, monkeypatch):
+    """A sharded model's hundreds of files must not hold descriptors the reader needs."""
+    monkeypatch.setattr(_prefetch, "_looks_cached", lambda path: False)
+    advised = []
+    real = _prefetch._advise_range
+    monkeypatch.setattr(_prefetch, "_advise_range", lambda *args: (real(*args), advised.append(args)))
+    items = []
+    for i in range(40):
+        (tmp_path / f"shard{i}.bin").write_bytes(b"\1" * 4096)
+        items.append([(tmp_path / f"shard{i}.bin", 0, 4096)])
+    before = len(os.listdir("/proc/self/fd"))
+    with Prefetch(items, read_ahead=3 * 4096) as prefetch:
+        deadline = time.monotonic() + 10
+        while len(advised) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)
+        assert len(advised) == 2 and prefetch._thread.is_alive()  # waiting for the reader
+        assert len(os.listdir("/proc/self/fd")) == before

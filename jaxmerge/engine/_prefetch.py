@@ -108,11 +108,12 @@ class Prefetch:
         return index <= self._reader + 1 or self._starts[index + 1] - self._starts[self._reader] <= self._read_ahead
 
     def _run(self) -> None:
-        descriptors: dict[Path, int | None] = {}
         try:
-            for path in dict.fromkeys(path for ranges in self._ranges for path, _, _ in ranges):
-                descriptors[path] = _open_uncached(path)
-            if not any(fd is not None for fd in descriptors.values()):
+            # Each file opened only while it is looked at or advised: a sharded model's hundreds of files
+            # must not hold descriptors the reader needs.
+            uncached = {path for path in dict.fromkeys(p for ranges in self._ranges for p, _, _ in ranges)
+                        if not _looks_cached(path)}
+            if not uncached:
                 return  # every input is in memory: nothing to read ahead
             index = 0
             while index < len(self._ranges):
@@ -125,24 +126,28 @@ class Prefetch:
                 if index >= len(self._ranges):
                     return
                 for path, offset, nbytes in self._ranges[index]:
-                    if descriptors[path] is not None:
-                        _readahead.advise(descriptors[path], offset, nbytes)
+                    if path in uncached:
+                        _advise_range(path, offset, nbytes)
                         self.advised += nbytes
                 index += 1
         except OSError as err:  # advice only: the reader reads without it
             _log.debug("prefetching stopped: %s", err)
-        finally:
-            for fd in descriptors.values():
-                if fd is not None:
-                    os.close(fd)
 
 
-def _open_uncached(path: Path) -> int | None:
-    """A read descriptor of `path` to advise, or None when nearly all of it is cached already
-    (`CACHED`; where the OS cannot tell, it is advised: advice on cached pages costs little)."""
+def _looks_cached(path: Path) -> bool:
+    """Nearly all of `path` is in the page cache already (`CACHED`); False where the OS cannot tell:
+    advice on cached pages costs little."""
     fd = os.open(path, os.O_RDONLY)
-    fraction = _readahead.cached_fraction(fd, os.fstat(fd).st_size)
-    if fraction is not None and fraction >= CACHED:
+    try:
+        fraction = _readahead.cached_fraction(fd, os.fstat(fd).st_size)
+    finally:
         os.close(fd)
-        return None
-    return fd
+    return fraction is not None and fraction >= CACHED
+
+
+def _advise_range(path: Path, offset: int, nbytes: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _readahead.advise(fd, offset, nbytes)
+    finally:
+        os.close(fd)
