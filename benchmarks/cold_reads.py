@@ -55,11 +55,12 @@ def evict(files: list[Path]) -> float:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            fraction = readahead.cached_fraction(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
+        fraction = readahead.cached_fraction(path)
         if fraction is None:
-            raise SystemExit(f"{path}: this system cannot tell which pages are cached (no mincore)")
+            raise SystemExit(f"{path}: cannot tell which of its pages are cached (no mincore, or a file this "
+                             "user neither owns nor may write)")
         worst = max(worst, fraction)
     return worst
 

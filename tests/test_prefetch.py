@@ -33,51 +33,60 @@ def _evicted_file(path: Path, nbytes: int) -> int:
 
 @needs_readahead
 def test_advice_reads_an_evicted_file_into_memory(tmp_path):
-    size = 4 << 20
-    fd = _evicted_file(tmp_path / "f.bin", size)
+    size, path = 4 << 20, tmp_path / "f.bin"
+    fd = _evicted_file(path, size)
     try:
-        before = _readahead.cached_fraction(fd, size)
+        before = _readahead.cached_fraction(path)
         if before is None or before > 0.5:
             pytest.skip(f"this file system keeps the file in memory or cannot tell (cached fraction {before})")
-        assert _readahead.cached_fraction(fd, size) == before  # looking reads nothing
+        assert _readahead.cached_fraction(path) == before  # looking reads nothing
         _readahead.advise(fd, 0, size)
         deadline = time.monotonic() + 10
-        while _readahead.cached_fraction(fd, size) < 1 and time.monotonic() < deadline:
+        while _readahead.cached_fraction(path) < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         # Every page, up to the last: one call of 4 MB could have stopped at the device's cap.
-        assert _readahead.cached_fraction(fd, size) == 1.0
+        assert _readahead.cached_fraction(path) == 1.0
     finally:
         os.close(fd)
 
 
 @needs_readahead
 def test_the_cached_fraction_counts_what_is_in_memory(tmp_path):
-    size = 8 << 20
-    fd = _evicted_file(tmp_path / "f.bin", size)
+    size, path = 8 << 20, tmp_path / "f.bin"
+    fd = _evicted_file(path, size)
     try:
-        if _readahead.cached_fraction(fd, size) != 0:
+        if _readahead.cached_fraction(path) != 0:
             pytest.skip("this file system keeps the file in memory or cannot tell")
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what is read
         os.preadv(fd, [bytearray(size // 4)], 0)  # the first quarter read: now in memory
-        assert 0.2 <= _readahead.cached_fraction(fd, size, samples=1000) <= 0.3
-        assert _readahead.cached_fraction(fd, 0) == 1.0
+        assert _readahead.cached_fraction(path) == 0.25  # 2048 pages: every one looked at
+        assert 0.2 <= _readahead.cached_fraction(path, samples=8) <= 0.3  # 8 windows of 16
+        (tmp_path / "empty").write_bytes(b"")
+        assert _readahead.cached_fraction(tmp_path / "empty") == 1.0
     finally:
         os.close(fd)
+
+
+def test_the_cached_fraction_is_unknown_where_mincore_would_not_tell(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 100_000)
+    # Since Linux 5.0 mincore calls every page of a file cached unless the caller owns it or may write it.
+    monkeypatch.setattr(_readahead.os, "geteuid", lambda: os.getuid() + 12345)
+    monkeypatch.setattr(_readahead.os, "access", lambda p, mode: False)
+    assert _readahead.cached_fraction(path) is None
+    monkeypatch.setattr(_readahead.os, "access", lambda p, mode: True)  # writable: it tells
+    assert _readahead.cached_fraction(path) is not None or _readahead._libc() is None
+    monkeypatch.undo()
+    monkeypatch.setattr(_readahead, "_libc", lambda: None)  # no mincore
+    assert _readahead.cached_fraction(path) is None
 
 
 def test_a_file_is_advised_unless_nearly_all_cached(tmp_path, monkeypatch):
     path = tmp_path / "f.bin"
     path.write_bytes(b"x" * 100_000)
     for fraction, cached in ((1.0, True), (_prefetch.CACHED, True), (0.5, False), (None, False)):
-        monkeypatch.setattr(_readahead, "cached_fraction", lambda fd, size, f=fraction: f)
+        monkeypatch.setattr(_readahead, "cached_fraction", lambda p, samples=64, f=fraction: f)
         assert _prefetch._looks_cached(path) == cached, fraction
-    monkeypatch.undo()
-    monkeypatch.setattr(_readahead, "_libc", lambda: None)  # no mincore: the OS cannot tell
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        assert _readahead.cached_fraction(fd, 100_000) is None
-    finally:
-        os.close(fd)
 
 
 def test_advice_goes_in_pieces_every_device_reads_whole(monkeypatch):
@@ -87,6 +96,9 @@ def test_advice_goes_in_pieces_every_device_reads_whole(monkeypatch):
     _readahead.advise(7, 1000, 3 * _readahead.PIECE + 5)
     assert calls == [(1000, _readahead.PIECE), (1000 + _readahead.PIECE, _readahead.PIECE),
                      (1000 + 2 * _readahead.PIECE, _readahead.PIECE), (1000 + 3 * _readahead.PIECE, 5)]
+    calls.clear()
+    _readahead.advise(7, 0, 10 * _readahead.PIECE, stop=lambda: len(calls) >= 2)
+    assert len(calls) == 2  # asked before every piece
 
 
 class _Recorder:
@@ -96,7 +108,7 @@ class _Recorder:
         self.calls: list[tuple[str, int, int]] = []
         self.lock = threading.Lock()
 
-        def advise_range(path, offset, nbytes):
+        def advise_range(path, offset, nbytes, stop=None):
             with self.lock:
                 self.calls.append((str(path), offset, nbytes))
 
@@ -148,41 +160,85 @@ def test_the_next_item_is_advised_even_when_larger_than_the_read_ahead(tmp_path,
 def test_cached_inputs_start_no_advice_and_the_thread_ends(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(_readahead, "advise", lambda *args: calls.append(args))
-    monkeypatch.setattr(_readahead, "cached_fraction", lambda fd, size, samples=64: 1.0)
+    monkeypatch.setattr(_readahead, "cached_fraction", lambda path, samples=64: 1.0)
     monkeypatch.setattr(_readahead, "supported", lambda: True)
-    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     with Prefetch(_items(tmp_path / "f.bin", 5, 100), read_ahead=1 << 20) as prefetch:
         prefetch._thread.join(timeout=10)
         assert not prefetch._thread.is_alive()  # it ended on its own: nothing to do
     assert calls == [] and prefetch.advised == 0
-    if before is not None:
-        assert len(os.listdir("/proc/self/fd")) == before  # its descriptors are closed
+    assert _open_files_under(tmp_path) == []
 
 
-def test_an_error_stops_the_advice_not_the_run(tmp_path, monkeypatch):
-    recorder = _Recorder(monkeypatch)
+def _open_files_under(folder: Path) -> list[str]:
+    """Files under `folder` this process holds a descriptor of ([] where /proc/self/fd is missing)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return []
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            held.append(target)
+    return held
 
-    def refuse(path, offset, nbytes):
-        raise OSError(22, "Invalid argument")
+
+@pytest.mark.parametrize("error", [OSError(22, "Invalid argument"), ValueError("odd"), MemoryError()])
+def test_an_error_stops_the_advice_not_the_run(tmp_path, monkeypatch, caplog, error):
+    _Recorder(monkeypatch)
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: uncaught.append(args))
+
+    def refuse(path, offset, nbytes, stop=None):
+        raise error
 
     monkeypatch.setattr(_prefetch, "_advise_range", refuse)
     items = _items(tmp_path / "f.bin", 5, 100)
-    with Prefetch(items, read_ahead=1 << 20) as prefetch:
-        prefetch.reading(0)
-        prefetch._thread.join(timeout=10)
-        assert not prefetch._thread.is_alive()
-    assert recorder.advised() == []
-    # A file that went away: the same.
-    (tmp_path / "f.bin").unlink()
-    monkeypatch.undo()
+    with caplog.at_level("DEBUG", logger="jaxmerge.engine._prefetch"):
+        with Prefetch(items, read_ahead=1 << 20) as prefetch:
+            prefetch.reading(0)
+            prefetch._thread.join(timeout=10)
+            assert not prefetch._thread.is_alive()
+    assert uncaught == [] and "reading ahead stopped" in caplog.text
+    assert prefetch.advised == 0
+
+
+def test_a_vanished_file_stops_the_advice_not_the_run(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(_readahead, "supported", lambda: True)
-    with Prefetch(items, read_ahead=1 << 20) as prefetch:
-        prefetch._thread.join(timeout=10)
-        assert not prefetch._thread.is_alive()
+    items = _items(tmp_path / "f.bin", 5, 100)
+    (tmp_path / "f.bin").unlink()
+    with caplog.at_level("DEBUG", logger="jaxmerge.engine._prefetch"):
+        with Prefetch(items, read_ahead=1 << 20) as prefetch:
+            prefetch._thread.join(timeout=10)
+            assert not prefetch._thread.is_alive()
+    assert "reading ahead stopped" in caplog.text
+
+
+def test_leaving_stops_the_thread_inside_a_large_item(tmp_path, monkeypatch):
+    """Advice can wait on a full device queue: leaving the run must not wait for a whole embedding."""
+    monkeypatch.setattr(_prefetch, "_looks_cached", lambda path: False)
+    monkeypatch.setattr(_readahead, "supported", lambda: True)
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: (calls.append(args), time.sleep(0.01)), raising=False)
+    monkeypatch.setattr(os, "POSIX_FADV_WILLNEED", 3, raising=False)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"")
+    items = [[(path, 0, 1)], [(path, 0, 1000 * _readahead.PIECE)]]  # item 1: 1000 pieces, ~10 s
+    with Prefetch(items, read_ahead=1 << 40):
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.005)
+        started = time.monotonic()
+    assert time.monotonic() - started < 2 and 0 < len(calls) < 1000
 
 
 def test_no_thread_without_ranges_or_read_ahead(tmp_path, monkeypatch):
     monkeypatch.setattr(_readahead, "supported", lambda: True)
+    monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", "bad")  # not even read without ranges
+    with Prefetch([], None) as prefetch:
+        assert prefetch._thread is None
+    monkeypatch.delenv("JAXMERGE_READ_AHEAD_BYTES")
     with Prefetch([[], []], read_ahead=1 << 20) as prefetch:
         assert prefetch._thread is None
     with Prefetch(_items(tmp_path / "f.bin", 2, 10), read_ahead=0) as prefetch:
@@ -240,7 +296,7 @@ def test_a_merge_advises_its_inputs_ranges_ahead_and_writes_the_same_bytes(tmp_p
     monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", str(1 << 30))
     plan = merge_checkpoints(models, tmp_path / "out", method="linear", progress=False, depth=depth)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
-    ranges = {(str(c._file_of[n]), *c.byte_range(n)[1:]) for c in map(Checkpoint, models) for n in c.tensors}
+    ranges = {(str(c.byte_range(n)[0]), *c.byte_range(n)[1:]) for c in map(Checkpoint, models) for n in c.tensors}
     advised = recorder.advised()
     # Every input tensor but those of the first item read (the reader's own) is advised, once.
     assert len(advised) == len(set(advised)) == len(ranges) - len(models)
@@ -248,8 +304,28 @@ def test_a_merge_advises_its_inputs_ranges_ahead_and_writes_the_same_bytes(tmp_p
     assert plan.read_ahead == 1 << 30
 
 
+def test_byte_ranges_hold_the_tensors_bytes_in_single_and_sharded_checkpoints(tmp_path, monkeypatch):
+    shapes = {f"layers.{i}.w": (64, 32) for i in range(6)}
+    models = write_safetensors_models(tmp_path / "in", 2, shapes, seed=3, dtype=np.float32)
+    monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", "0")
+    plan = merge_checkpoints(models, tmp_path / "sharded", method="linear", progress=False, max_shard_size=20_000)
+    assert len(plan.shards) > 1
+    for source in (Checkpoint(models[0]), Checkpoint(tmp_path / "sharded")):
+        files = set()
+        for name in source.tensors:
+            path, offset, nbytes = source.byte_range(name)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                assert f.read(nbytes) == source.read_host(name).tobytes(), name
+            files.add(path)
+        assert len(files) == (1 if source.path == models[0] else len(plan.shards))
+    assert Checkpoint(models[0]).byte_range("nothing") is None
+
+
 def test_extract_lora_advises_both_models_ranges(tmp_path, monkeypatch):
     from jaxmerge.tools.extract_lora import extract_lora_adapter
+
+    monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", str(1 << 30))
 
     shapes = {f"model.layers.{i}.mlp.up_proj.weight": (64, 32) for i in range(4)}
     base, ft = write_safetensors_models(tmp_path / "in", 2, shapes, seed=2, dtype=np.float32)
@@ -267,16 +343,15 @@ def test_no_descriptor_is_held_between_advice(tmp_path, monkeypatch):
     monkeypatch.setattr(_prefetch, "_looks_cached", lambda path: False)
     advised = []
     real = _prefetch._advise_range
-    monkeypatch.setattr(_prefetch, "_advise_range", lambda *args: (real(*args), advised.append(args)))
+    monkeypatch.setattr(_prefetch, "_advise_range", lambda *args: (real(*args), advised.append(args[:3])))
     items = []
     for i in range(40):
         (tmp_path / f"shard{i}.bin").write_bytes(b"\1" * 4096)
         items.append([(tmp_path / f"shard{i}.bin", 0, 4096)])
-    before = len(os.listdir("/proc/self/fd"))
     with Prefetch(items, read_ahead=3 * 4096) as prefetch:
         deadline = time.monotonic() + 10
         while len(advised) < 2 and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(0.05)
         assert len(advised) == 2 and prefetch._thread.is_alive()  # waiting for the reader
-        assert len(os.listdir("/proc/self/fd")) == before
+        assert _open_files_under(tmp_path) == []

@@ -169,7 +169,8 @@ def run_ordered(
       ranges: optional, per item, the (file, offset, bytes) ranges `read` reads: a background
         thread asks the kernel to read them into the page cache ahead of the reader
         (`jaxmerge.engine._prefetch`), so the disk works while earlier items merge.
-      read_ahead: bytes to advise ahead of the reader (default `_prefetch.default_read_ahead()`; 0: none).
+      read_ahead: bytes to advise ahead of the reader (default, with ranges, `_prefetch.default_read_ahead()`;
+        0: none).
 
     Raises:
       The error of the earliest item that failed, in whichever stage.

@@ -65,18 +65,23 @@ class Prefetch:
     """A background thread that advises each item's byte ranges, at most `read_ahead` bytes ahead of the reader.
 
     Use as a context manager around the run; the reader calls `reading(i)` before it reads item i.
-    Leaving the context stops the thread and closes its descriptors. Items are advised in order; the
-    item after the reader's is always allowed, whatever its size. Nothing it does changes what the
-    reader reads, only how soon the bytes are in memory.
+    Leaving the context stops the thread (within one piece of advice) and waits for it. Items are
+    advised in order, from the one after the reader's; `read_ahead` counts from the start of the
+    reader's item, and the next item is always allowed, whatever its size. Each file is open only
+    while it is looked at or advised. Nothing it does changes what the reader reads, only how soon
+    the bytes are in memory.
     """
 
     def __init__(self, ranges: Sequence[Sequence[ByteRange]], read_ahead: int | None = None):
         """Args:
           ranges: per item, in reading order, the (file, offset, bytes) ranges it reads.
-          read_ahead: bytes ahead of the reader's item (default `default_read_ahead()`); 0 advises nothing.
+          read_ahead: bytes ahead of the reader's item (default `default_read_ahead()`, read only when
+            there are ranges); 0 advises nothing.
         """
         self._ranges = [list(r) for r in ranges]
-        self._read_ahead = default_read_ahead() if read_ahead is None else read_ahead
+        if read_ahead is None:
+            read_ahead = default_read_ahead() if any(self._ranges) else 0
+        self._read_ahead = read_ahead
         # Byte offset of each item's start in the run, so bytes ahead are a difference of two entries.
         self._starts = list(itertools.accumulate((sum(n for _, _, n in r) for r in self._ranges), initial=0))
         self._reader = 0
@@ -111,8 +116,12 @@ class Prefetch:
         try:
             # Each file opened only while it is looked at or advised: a sharded model's hundreds of files
             # must not hold descriptors the reader needs.
-            uncached = {path for path in dict.fromkeys(p for ranges in self._ranges for p, _, _ in ranges)
-                        if not _looks_cached(path)}
+            uncached = set()
+            for path in dict.fromkeys(p for ranges in self._ranges for p, _, _ in ranges):
+                if self._stop:
+                    return
+                if not _looks_cached(path):
+                    uncached.add(path)
             if not uncached:
                 return  # every input is in memory: nothing to read ahead
             index = 0
@@ -122,32 +131,28 @@ class Prefetch:
                         self._cond.wait()
                     if self._stop:
                         return
-                    index = max(index, self._reader + 1)  # the reader has read what it passed
+                    index = max(index, self._reader + 1)  # the reader reads its own item and those before
                 if index >= len(self._ranges):
                     return
                 for path, offset, nbytes in self._ranges[index]:
                     if path in uncached:
-                        _advise_range(path, offset, nbytes)
+                        _advise_range(path, offset, nbytes, lambda: self._stop)
                         self.advised += nbytes
                 index += 1
-        except OSError as err:  # advice only: the reader reads without it
-            _log.debug("prefetching stopped: %s", err)
+        except Exception as err:  # noqa: BLE001 - advice only: the reader reads without it
+            _log.debug("reading ahead stopped: %r", err)
 
 
 def _looks_cached(path: Path) -> bool:
     """Nearly all of `path` is in the page cache already (`CACHED`); False where the OS cannot tell:
     advice on cached pages costs little."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fraction = _readahead.cached_fraction(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
+    fraction = _readahead.cached_fraction(path)
     return fraction is not None and fraction >= CACHED
 
 
-def _advise_range(path: Path, offset: int, nbytes: int) -> None:
+def _advise_range(path: Path, offset: int, nbytes: int, stop=None) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        _readahead.advise(fd, offset, nbytes)
+        _readahead.advise(fd, offset, nbytes, stop)
     finally:
         os.close(fd)
