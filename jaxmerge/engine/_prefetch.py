@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jaxmerge.formats import _readahead
@@ -88,7 +88,7 @@ class Prefetch:
         self._stop = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.advised = 0  # bytes handed to the kernel (tests, profile)
+        self.advised = 0  # bytes handed to the kernel (for tests)
 
     def __enter__(self) -> Prefetch:
         if self._read_ahead > 0 and any(self._ranges) and _readahead.supported():
@@ -150,7 +150,8 @@ def _looks_cached(path: Path) -> bool:
     return fraction is not None and fraction >= CACHED
 
 
-def _advise_range(path: Path, offset: int, nbytes: int, stop=None) -> None:
+def _advise_range(path: Path, offset: int, nbytes: int, stop: Callable[[], bool] | None = None) -> None:
+    """`_readahead.advise` on `path`, open only meanwhile."""
     fd = os.open(path, os.O_RDONLY)
     try:
         _readahead.advise(fd, offset, nbytes, stop)
