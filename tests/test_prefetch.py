@@ -145,7 +145,7 @@ def test_prefetch_stays_within_its_bytes_ahead_of_the_reader(tmp_path, monkeypat
         assert [offset for _, offset, _ in recorder.wait_for(4)] == [100, 200, 600, 700]
         prefetch.reading(9)
         assert [offset for _, offset, _ in recorder.wait_for(4)] == [100, 200, 600, 700]
-    assert not prefetch._thread.is_alive()
+    assert not prefetch._thread.is_alive() and prefetch.advised == 400
 
 
 def test_the_next_item_is_advised_even_when_larger_than_the_read_ahead(tmp_path, monkeypatch):
@@ -282,7 +282,7 @@ def test_a_merge_advises_its_inputs_ranges_ahead_and_writes_the_same_bytes(tmp_p
     models = write_safetensors_models(tmp_path / "in", 3, shapes, seed=1, dtype=np.float32)
     monkeypatch.setenv("JAXMERGE_READ_AHEAD_BYTES", "0")
     reference = merge_checkpoints(models, tmp_path / "ref", method="linear", progress=False, depth=depth)
-    assert reference.read_ahead == 0
+    assert reference.read_ahead == 0 and "read_ahead_mb" not in reference.profile
     recorder = _Recorder(monkeypatch)
     items = len(Checkpoint(models[0]).tensors)
     reading = Prefetch.reading
@@ -302,6 +302,7 @@ def test_a_merge_advises_its_inputs_ranges_ahead_and_writes_the_same_bytes(tmp_p
     assert len(advised) == len(set(advised)) == len(ranges) - len(models)
     assert set(advised) <= ranges
     assert plan.read_ahead == 1 << 30
+    assert plan.profile["read_ahead_mb"] == 1  # a few KB advised: shown as at least 1 MB
 
 
 def test_byte_ranges_hold_the_tensors_bytes_in_single_and_sharded_checkpoints(tmp_path, monkeypatch):

@@ -157,7 +157,7 @@ def run_ordered(
     between: Callable[[], None] | None = None,
     ranges: Sequence[Sequence[ByteRange]] | None = None,
     read_ahead: int | None = None,
-) -> None:
+) -> int:
     """`write(item, dispatch(item, read(item)))` for every item in order, the stages overlapped.
 
     Args:
@@ -172,11 +172,15 @@ def run_ordered(
       read_ahead: bytes to advise ahead of the reader (default, with ranges, `_prefetch.default_read_ahead()`;
         0: none).
 
+    Returns:
+      The bytes of `ranges` the OS was asked to read ahead (0 when they were all in memory).
+
     Raises:
       The error of the earliest item that failed, in whichever stage.
     """
     with Prefetch(ranges or (), read_ahead) as prefetch:
         _run_stages(items, read, dispatch, write, depth, between, prefetch)
+    return prefetch.advised
 
 
 def _run_stages(items, read, dispatch, write, depth: int, between, prefetch: Prefetch) -> None:

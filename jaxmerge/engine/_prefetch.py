@@ -88,7 +88,7 @@ class Prefetch:
         self._stop = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.advised = 0  # bytes handed to the kernel (for tests)
+        self.advised = 0  # bytes handed to the kernel (the merge's profile: read_ahead_mb)
 
     def __enter__(self) -> Prefetch:
         if self._read_ahead > 0 and any(self._ranges) and _readahead.supported():

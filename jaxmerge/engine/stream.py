@@ -501,9 +501,10 @@ def merge_checkpoints(
             bar.set_postfix_str(info.name[-40:], refresh=False)
 
         try:
-            run_ordered(items, read, dispatch, write, depth=plan.depth, between=stop_if_terminated,
-                        ranges=[byte_ranges((checkpoints[i], name) for i, name in entries[info.name].sources)
-                                for _, _, info in items], read_ahead=plan.read_ahead)
+            advised = run_ordered(
+                items, read, dispatch, write, depth=plan.depth, between=stop_if_terminated,
+                ranges=[byte_ranges((checkpoints[i], name) for i, name in entries[info.name].sources)
+                        for _, _, info in items], read_ahead=plan.read_ahead)
         finally:
             for writer in writers.values():  # a shard left open by an error: its file is discarded
                 writer.abort()
@@ -513,6 +514,8 @@ def merge_checkpoints(
     profile.add("compile_ahead", ahead.seconds)
     profile.count("tensors", len(items))
     profile.count("depth", plan.depth)
+    if advised:  # inputs that were not in memory: a first merge's disk time shows here
+        profile.count("read_ahead_mb", max(1, round(advised / (1 << 20))))
     plan.profile = profile.as_dict()
     _report_profile(plan, profile)
     return plan
