@@ -5,7 +5,7 @@
 The first merge of models that do not all fit in memory reads them from disk.
 Before every timed run each input file is dropped from the page cache
 (`posix_fadvise(POSIX_FADV_DONTNEED)`, which needs no privilege for files
-nobody is writing; a few non-blocking reads confirm it), then `jaxmerge merge`
+nobody is writing; `mincore`, which reads nothing, confirms it), then `jaxmerge merge`
 runs with reading ahead (the default) and without it
 (`JAXMERGE_READ_AHEAD_BYTES=0`, the merge as it was before), taking turns, with
 the compilation cache warm (one run fills it first). The I/O floor
