@@ -211,7 +211,8 @@ def test_the_search_snaps_to_sample_values_only_on_discrete_data(make, discrete)
 def test_the_search_steps_onto_the_spikes_of_discrete_data(monkeypatch):
     """bfloat16 deltas put most entries on a few values, T usually among them: the search reads them
     from the sample (`_discrete_next_probe`). Secant steps alone took 63 probes for these 9 searches
-    (2 to 11 each); the sample's steps take 27 (2 to 5)."""
+    (2 to 11 each); the sample's steps 27 (2 to 5); with the pair passes, which count t + 1 with t
+    after the first probe, 20 (2 to 3)."""
     from ml_dtypes import bfloat16
 
     probes = []
@@ -231,7 +232,7 @@ def test_the_search_steps_onto_the_spikes_of_discrete_data(monkeypatch):
             bits, _ = search(jnp.asarray(x), jnp.asarray(k, count_dtype()))
             assert int(bits) == int(magnitudes[k - 1].view(np.uint32))
             counts.append(len(probes))
-    assert max(counts) <= 6 and sum(counts) <= 36, counts
+    assert max(counts) <= 4 and sum(counts) <= 24, counts
 
 
 @settings(max_examples=60, deadline=None)
@@ -308,6 +309,42 @@ def test_fast_count_is_exact_at_extreme_thresholds():
         np.testing.assert_array_equal(np.asarray(counts), expected, err_msg=f"threshold bits {tb:#x}")
 
 
+def test_pair_counts_are_exact_at_extreme_thresholds():
+    """The pair pass packs count(t) + 4096 * count(t + 1) into one float32 row sum: exact with rows of
+    4095 entries all counted at both (16,773,120 gaps, just below 2**24), at the smallest threshold
+    it takes, across a binade edge (t + 1 a power of two) and at the largest finite t + 1. Where the
+    gaps below and above t differ (t a power of two), t + 1 is inf, or a NaN is about, it is not taken."""
+    layout = selection._BitLayout(jnp.float32)
+    as_bits = lambda f: int(np.float32(f).view(np.uint32))  # noqa: E731
+    largest = np.finfo(np.float32).max
+    taken = (layout.fast_lo_bits + 1, as_bits(1.0) + 1, as_bits(np.nextafter(np.float32(2), np.float32(0))),
+             as_bits(0.0123), as_bits(largest) - 1)
+    for tb in taken:
+        assert bool(selection._pair_threshold(jnp.uint32(tb), layout, True)), hex(tb)
+        t, t_prev, t_next = (np.uint32(b).view(np.float32) for b in (tb, tb - 1, tb + 1))
+        rows = np.stack([
+            np.full(4095, t_next), np.full(4095, -t), np.full(4095, t_prev),
+            np.resize(np.array([t, -t_next, t_prev, 0.0, -largest, t_next], np.float32), 4095),
+        ]).astype(np.float32)
+        at_t, at_next = selection.row_counts_at_least_pair(jnp.asarray(rows), jnp.uint32(tb), layout)
+        bits = np.abs(rows).view(np.uint32)
+        np.testing.assert_array_equal(np.asarray(at_t), (bits >= tb).sum(axis=1), err_msg=f"t bits {tb:#x}")
+        np.testing.assert_array_equal(np.asarray(at_next), (bits > tb).sum(axis=1), err_msg=f"t bits {tb:#x}")
+    for tb in (as_bits(1.0), as_bits(2.0), layout.fast_lo_bits, layout.fast_lo_bits - 1, as_bits(largest)):
+        assert not bool(selection._pair_threshold(jnp.uint32(tb), layout, True)), hex(tb)
+    assert not bool(selection._pair_threshold(jnp.uint32(as_bits(0.0123)), layout, False))
+
+
+def test_rows_fit_the_pair_counts_unless_sharded():
+    """The search cuts unsharded tensors into rows of at most 4095 entries (a row-major reshape),
+    the pair passes' limit; a sharded tensor keeps its own rows up to 16384, never re-laid out."""
+    for shape, rows, sharded_rows in [((2048, 5632), (4096, 2816), (2048, 5632)), ((64, 2048), (64, 2048), (64, 2048)),
+                                      ((4096, 4096), (8192, 2048), (4096, 4096)), ((3, 5, 7, 311), (105, 311), (105, 311))]:
+        x = jnp.zeros(shape, jnp.float32)
+        assert selection._as_rows(x).shape == rows, shape
+        assert selection._as_rows(x, partitioned=True).shape == sharded_rows, shape
+
+
 @pytest.mark.parametrize("pair", [False, True], ids=["array", "difference"])
 def test_tie_counts_are_exact_in_and_out_of_the_fast_range(pair):
     """The search returns, per row, the entries tied at its threshold T (where count(T) > k), as the
@@ -324,9 +361,10 @@ def test_tie_counts_are_exact_in_and_out_of_the_fast_range(pair):
         tb = as_bits(abs(t))
         t_next = np.uint32(min(tb + 1, as_bits(np.inf))).view(np.float32)
         t_prev = np.uint32(max(tb - 1, 0)).view(np.float32)
+        # Rows of 4095: the longest the search keeps as they are and counts in pairs.
         rows = np.stack([
-            np.full(4096, t), np.full(4096, -t), np.full(4096, t_prev),
-            np.resize(np.array([t, -t_next, t_prev, 0.0, -t, largest, tiny_sub], np.float32), 4096),
+            np.full(4095, t), np.full(4095, -t), np.full(4095, t_prev),
+            np.resize(np.array([t, -t_next, t_prev, 0.0, -t, largest, tiny_sub], np.float32), 4095),
         ]).astype(np.float32)
         with_nan = rows.copy()
         with_nan[3, 5] = np.nan

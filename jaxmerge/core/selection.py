@@ -15,6 +15,10 @@ search over the float bit patterns instead:
   discrete data (bfloat16 deltas, quantized weights), where most entries sit on
   a few values, the steps go to the sample's values and just past them
   (`_discrete_next_probe`): 2-5 passes where interpolation alone took up to 17.
+  There, after the first probe, a pass counts at t and t + 1 at once
+  (`row_counts_at_least_pair`, ~1.2-1.5x a single count): where T is the
+  probed value the bracket closes in that pass instead of the next (bfloat16
+  TinyLlama deltas: 2 passes per selection where 3 were usual).
 * The count itself uses an exact float identity that XLA vectorises well:
   for adjacent floats tp < t, `clip(a, tp, t) - tp` is exactly the gap
   t - tp (a power of two) where a >= t and exactly 0 elsewhere, so a row sum
@@ -54,10 +58,14 @@ _SAMPLE_SIZE = 16384
 # trace time (tests count probes with it; `print` shows them).
 _PROBE_HOOK = None
 _MIN_DENSITY = 1e-30
+_DISCRETE_REPEATS = 4  # equal neighbours among the sample's 65 nearest the estimate: discrete data
 # Rows keep float32 row sums of 0/1 exact (< 2**24) and XLA:CPU's reductions fast.
 _MAX_ROW = 16384  # longer rows fall off XLA:CPU's fast reduction path (measured: 13x slower at 65536)
 _MIN_ROW = 256
 _PAD_ROW = 4096
+# Rows up to this length take the search's pair counts (`row_counts_at_least_pair`): two counts packed
+# into one float32 row sum, count(t) + 4096 * count(t + 1), exact below 2**24.
+_PAIR_MAX_ROW = 4095
 # Unsharded tensors up to this size take `_bitwise_mask`: its 31 counting passes cost milliseconds,
 # less than the compile time they save (float32, 2 cores, measured: 0.23 ms against 0.18 ms at 2048
 # entries, 1.0 against 0.4 ms at 16384, 3.7 against 1.1 ms at 65536).
@@ -65,9 +73,9 @@ _BITWISE_MAX = 65536
 
 
 @functools.lru_cache(maxsize=None)
-def _row_length(n: int) -> int | None:
-    """Largest divisor of n in [_MIN_ROW, _MAX_ROW], or None if there is none."""
-    for d in range(min(n, _MAX_ROW), _MIN_ROW - 1, -1):
+def _row_length(n: int, longest: int = _MAX_ROW) -> int | None:
+    """Largest divisor of n in [_MIN_ROW, longest], or None if there is none."""
+    for d in range(min(n, longest), _MIN_ROW - 1, -1):
         if n % d == 0:
             return d
     return None
@@ -98,19 +106,27 @@ def _values(parts: tuple, dtype) -> jax.Array:
     return model.astype(dtype) - base.astype(dtype)
 
 
-def _as_rows(a: jax.Array) -> jax.Array:
+def _as_rows(a: jax.Array, partitioned: bool = False) -> jax.Array:
     """View the magnitudes as rows short enough for exact float row sums.
 
-    A tensor whose last axis has a suitable length keeps its own rows, so a
-    sharded tensor is never re-laid out (which would gather it across
-    devices). Otherwise the flat entries are cut at a divisor of the size;
-    padding (with zeros, which the fast count never counts) is a copy, used
-    only for sizes without one.
+    Rows of at most `_PAIR_MAX_ROW` entries come first (the search's pair
+    counts need them): the tensor's own rows when its last axis has such a
+    length, else the flat entries cut at such a divisor of the size (free: a
+    row-major reshape). A sharded tensor (`partitioned`) keeps its own rows
+    whenever they are short enough for a row sum, so it is never re-laid out
+    (which would gather it across devices). Otherwise the flat entries are cut
+    at a divisor of the size up to `_MAX_ROW`; padding (with zeros, which the
+    fast count never counts) is a copy, used only for sizes without one.
     """
-    if a.ndim >= 2 and _MIN_ROW <= a.shape[-1] <= _MAX_ROW:
-        return a.reshape(-1, a.shape[-1])
-    a = a.reshape(-1)
+    own = a.shape[-1] if a.ndim >= 2 else 0
+    if _MIN_ROW <= own <= (_MAX_ROW if partitioned else _PAIR_MAX_ROW):
+        return a.reshape(-1, own)
     n = a.size
+    length = _row_length(n, _PAIR_MAX_ROW)
+    if length is not None and not partitioned:
+        return a.reshape(-1, length)
+    if _MIN_ROW <= own <= _MAX_ROW:
+        return a.reshape(-1, own)
     length = _row_length(n)
     if length is None:
         pad = (-n) % _PAD_ROW
@@ -127,6 +143,7 @@ class _BitLayout:
         self.float = jnp.dtype(dtype)
         self.uint = uint_like(dtype)
         self.inf_bits = (2 * bias + 1) << info.nmant
+        self.mantissa_mask = (1 << info.nmant) - 1
         # Smallest threshold for which t and the gap t - prev(t) are normal
         # numbers (one binade of margin), so flush-to-zero cannot bite.
         self.fast_lo_bits = (info.minexp + info.nmant + 2 + bias) << info.nmant
@@ -193,6 +210,49 @@ def row_counts_at_least(rows, threshold_bits, layout: _BitLayout, fast_ok):
     return lax.cond(_fast_threshold(threshold_bits, layout, fast_ok), fast, slow, threshold_bits)
 
 
+def _pair_threshold(threshold_bits, layout: _BitLayout, fast_ok):
+    """`row_counts_at_least_pair` is exact here: t and t + 1 are fast thresholds and t is not a power of
+    two, so the gaps below and above t are the same power of two."""
+    mantissa = threshold_bits & jnp.asarray(layout.mantissa_mask, layout.uint)
+    return _fast_threshold(threshold_bits, layout, fast_ok) & _fast_threshold(threshold_bits + 1, layout, fast_ok) & (
+        mantissa != 0)
+
+
+def row_counts_at_least_pair(rows, threshold_bits, layout: _BitLayout):
+    """Per row, the counts at `threshold_bits` and at the next pattern, in one pass (exact).
+
+    For t and its neighbours t_prev < t < t_next one gap apart, each entry
+    adds `clip(a, t_prev, t) - t_prev` (the gap where a >= t, else 0) plus
+    4096 times `clip(a, t, t_next) - t` (the gap where a >= t_next, else 0).
+    Every term is a multiple of the gap and a row sum stays below 2**24 gaps
+    (rows of at most `_PAIR_MAX_ROW` entries), so the scaled sum is exactly
+    count(t) + 4096 * count(t_next), unpacked with integer operations. The
+    pass costs ~1.2x a single count (5632 x 2048 bfloat16 difference, 2 CPU
+    cores: 5.5 against 4.7 ms) and settles whether the bracket closes at t.
+
+    Args:
+      rows: as `row_counts_at_least` takes them, rows of at most `_PAIR_MAX_ROW` entries.
+      threshold_bits: unsigned scalar where `_pair_threshold` holds.
+      layout: the float type's constants.
+
+    Returns:
+      ((R,) counts at t, (R,) counts at t + 1), in `count_dtype()`.
+    """
+    cdt = count_dtype()
+    t = lax.bitcast_convert_type(threshold_bits, layout.float)
+    t_prev = lax.bitcast_convert_type(threshold_bits - 1, layout.float)
+    t_next = lax.bitcast_convert_type(threshold_bits + 1, layout.float)
+    a = _magnitudes(rows, layout)
+    scale = np.float32(_PAIR_SCALE).astype(layout.float)
+    packed = (jnp.clip(a, t_prev, t) - t_prev) + scale * (jnp.clip(a, t, t_next) - t)
+    counts = (packed.sum(axis=1) * (1 / (t - t_prev))).astype(cdt)
+    at_next = counts // cdt.type(_PAIR_SCALE)
+    return counts - at_next * cdt.type(_PAIR_SCALE), at_next
+
+
+_PAIR_SCALE = 4096  # above every row's count (rows <= _PAIR_MAX_ROW); 4095 * 4097 < 2**24
+
+
 def _sample_start(rows, n: int, k, layout: _BitLayout):
     """First probe and local density, from a sorted strided sample of about 16K entries.
 
@@ -202,9 +262,9 @@ def _sample_start(rows, n: int, k, layout: _BitLayout):
     Returns:
       (bits of the sample's estimate of the k-th largest, estimated number of
       entries per unit of bit pattern near it, the sorted sample's bits, whether
-      the data looks discrete: equal values among the sample's 64 nearest to the
-      estimate, as bfloat16 deltas or quantized weights have and continuous
-      float32 deltas do not).
+      the data looks discrete: `_DISCRETE_REPEATS` or more equal neighbours among the
+      sample's 65 values nearest to the estimate, as bfloat16 deltas or quantized
+      weights have and continuous float32 deltas do not).
     """
     per_axis = int(np.sqrt(_SAMPLE_SIZE))
     shape = _parts(rows)[0].shape
@@ -221,7 +281,9 @@ def _sample_start(rows, n: int, k, layout: _BitLayout):
     density = (j_hi - j_lo).astype(jnp.float32) * np.float32(n / s) / jnp.maximum(span, 1.0)
     width = min(65, s)
     window = lax.dynamic_slice(sample_bits, (jnp.clip(j_lo, 0, s - width),), (width,))
-    discrete = jnp.any(window[1:] == window[:-1])
+    # Continuous float32 data repeats a value in the window by coincidence (once in ~5% of tensors with
+    # a full sample, a standard normal); discrete data repeats dozens of times.
+    discrete = jnp.sum(window[1:] == window[:-1]) >= _DISCRETE_REPEATS
     return sample_bits[j], jnp.maximum(density, _MIN_DENSITY), sample_bits, discrete
 
 
@@ -263,7 +325,7 @@ def _signed_diff(x, y):
     return jnp.where(x >= y, (x - y).astype(jnp.float32), -((y - x).astype(jnp.float32)))
 
 
-def _magnitude_rows(x, layout: _BitLayout):
+def _magnitude_rows(x, layout: _BitLayout, partitioned: bool = False):
     """The rows every pass reads, a bit pattern no magnitude reaches and whether the fast counts may be
     used (`_bound_bits`).
 
@@ -273,7 +335,7 @@ def _magnitude_rows(x, layout: _BitLayout):
     copies it into the loop state (measured: +26 ms per 16.7M entries, more
     than the whole search).
     """
-    rows = tuple(_as_rows(p) for p in _parts(x))
+    rows = tuple(_as_rows(p, partitioned) for p in _parts(x))
     return (rows, *_bound_bits(rows, layout))
 
 
@@ -374,6 +436,16 @@ def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout):
         per_row = row_counts_at_least(rows, tb, layout, fast_ok)
         return per_row.sum(dtype=cdt), per_row
 
+    pairs = _parts(rows)[0].shape[1] <= _PAIR_MAX_ROW
+
+    def count_pair(tb):  # count(t) and count(t + 1), in one pass
+        at_t, at_next = row_counts_at_least_pair(rows, tb, layout)
+        return at_t.sum(dtype=cdt), at_t, at_next.sum(dtype=cdt), at_next
+
+    def count_one(tb):  # count(t) only; its copy in the second place is not read
+        total, per_row = count(tb)
+        return total, per_row, total, per_row
+
     def fast_threshold(tb):
         return _fast_threshold(tb, layout, fast_ok)
 
@@ -382,7 +454,7 @@ def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout):
         return (hi - lo > 1) & (c_lo != k) & (c_hi != k - 1)
 
     def step(carry):
-        lo, c_lo, hi, c_hi, t, prev_t, prev_c, density, outside, stall, rows_lo, rows_hi = carry
+        lo, c_lo, hi, c_hi, t, prev_t, prev_c, density, outside, stall, rows_lo, rows_hi, first = carry
         width = hi - lo
         bisect = (stall >= 3) | (outside >= 2)
         below, above = t <= lo, t >= hi
@@ -393,11 +465,24 @@ def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout):
         t = jnp.where(bisect, lo + width // 2, jnp.where(below, lo + 1, jnp.where(above, hi - 1, t)))
         outside = jnp.where(bisect | ~(below | above), 0, outside + 1)
         stall = jnp.where(bisect, 0, stall)
-        c, rows_t = count(t)
+        # On discrete data, probes after the first land on the sample's values, where T usually is:
+        # count(t + 1) then settles whether T == t (the bracket closes at t). The pair pass counts it
+        # with count(t) for half a pass, where it would take a probe of its own.
+        paired = (discrete & ~first & _pair_threshold(t, layout, fast_ok)) if pairs else jnp.bool_(False)
+        c, rows_t, c_next, rows_next = lax.cond(paired, count_pair, count_one, t) if pairs else (*count(t), None, None)
         moved_lo = c >= k
         lo, c_lo = jnp.where(moved_lo, t, lo), jnp.where(moved_lo, c, c_lo)
         hi, c_hi = jnp.where(moved_lo, hi, t), jnp.where(moved_lo, c_hi, c)
         rows_lo, rows_hi = jnp.where(moved_lo, rows_t, rows_lo), jnp.where(moved_lo, rows_hi, rows_t)
+        if pairs:
+            next_up = paired & moved_lo & (c_next >= k)  # T > t: lo moves on to t + 1 (t + 1 < hi)
+            next_closes = paired & moved_lo & (c_next < k)  # T == t: hi comes down to t + 1
+            lo, c_lo = jnp.where(next_up, t + 1, lo), jnp.where(next_up, c_next, c_lo)
+            hi, c_hi = jnp.where(next_closes, t + 1, hi), jnp.where(next_closes, c_next, c_hi)
+            rows_lo = jnp.where(next_up, rows_next, rows_lo)
+            rows_hi = jnp.where(next_closes, rows_next, rows_hi)
+            # The steps below go on from the nearer probe to T.
+            t, c = jnp.where(next_up, t + 1, t), jnp.where(next_up, c_next, c)
         stall = jnp.where(hi - lo > width // 2, stall + 1, 0)
         # Secant estimate of the density (entries per bit-pattern unit) from the
         # two latest probes; counts fall as t grows.
@@ -419,7 +504,7 @@ def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout):
         next_t = jnp.where(discrete, discrete_t, next_t)
         if _PROBE_HOOK is not None:
             jax.debug.callback(_PROBE_HOOK, t, _signed_diff(c, k), width)
-        return lo, c_lo, hi, c_hi, next_t, t, c, density, outside, stall, rows_lo, rows_hi
+        return lo, c_lo, hi, c_hi, next_t, t, c, density, outside, stall, rows_lo, rows_hi, jnp.bool_(False)
 
     start, density, sample_bits, discrete = _sample_start(rows, n, k, layout)
     zero = jnp.zeros((), uint)
@@ -430,9 +515,9 @@ def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout):
         zero, jnp.asarray(num_rows * row_length, cdt), bound_bits, jnp.zeros((), cdt),
         # prev = (start, 0): the first step has no secant pair and keeps the sample density.
         start, start, jnp.zeros((), cdt), density, jnp.int32(0), jnp.int32(0),
-        jnp.full((num_rows,), row_length, cdt), jnp.zeros((num_rows,), cdt),
+        jnp.full((num_rows,), row_length, cdt), jnp.zeros((num_rows,), cdt), jnp.bool_(True),
     )
-    lo, c_lo, hi, c_hi, *_, rows_lo, rows_hi = lax.while_loop(not_done, step, init)
+    lo, c_lo, hi, c_hi, *_, rows_lo, rows_hi, _ = lax.while_loop(not_done, step, init)
 
     # A select feeding a reduction is XLA:CPU's slow path (~25 ms per 16.7M
     # entries); multiplying by the exact 0/1 indicator keeps it on the fast one.
@@ -472,7 +557,8 @@ def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout):
     def bracket_closed(_):  # hi == lo + 1: the entries at lo are those counted at lo and not at hi
         return lo, c_lo, rows_lo - rows_hi
 
-    branch = jnp.where(c_lo == k, 0, jnp.where(c_hi == k - 1, 1, 2))
+    # A closed bracket first: it needs no pass (the others do), whatever the counts at its ends.
+    branch = jnp.where(hi - lo <= 1, 2, jnp.where(c_lo == k, 0, jnp.where(c_hi == k - 1, 1, 2)))
     return lax.switch(branch, (smallest_at_least, largest_below, bracket_closed), None)
 
 
@@ -600,7 +686,7 @@ def _counting_mask(x: jax.Array, k, partitioned: bool) -> jax.Array:
 
     # One preparation (rows and the bound's pass) serves the search and the tie break. Made outside
     # the branch: the same base's pass in several tasks' selections is then one to XLA.
-    rows, bound_bits, fast_ok = _magnitude_rows(x, layout)
+    rows, bound_bits, fast_ok = _magnitude_rows(x, layout, partitioned)
 
     def select():
         threshold, count_ge, tied = _search(rows, bound_bits, fast_ok, n, jnp.maximum(k, 1), layout)
