@@ -25,7 +25,8 @@ search over the float bit patterns instead:
   most 64 entries is settled in the rows that hold them (`_settle_in_rows`:
   those rows gathered, T built bit by bit over them) instead of by more
   passes over the tensor and a finishing pass (float32 deltas: 4-5 probes
-  where 4-9 and one or two finishing passes were needed).
+  where 4-9 and one or two finishing passes were needed). Not for
+  half-precision inputs, whose deltas repeat (the branch costs compile time).
 * The count itself uses an exact float identity that XLA vectorises well:
   for adjacent floats tp < t, `clip(a, tp, t) - tp` is exactly the gap
   t - tp (a power of two) where a >= t and exactly 0 elsewhere, so a row sum
@@ -488,8 +489,8 @@ def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout, partitione
     of entries tied at T where the tie break needs them (count(T) > k): the difference of two per-row
     counts the search has made anyway (the bracket's ends, or T and hi), so no pass of its own.
 
-    Unless `partitioned`, a bracket whose entries lie in at most `_BLOCK_ROWS` rows is settled in
-    those rows (`_settle_in_rows`)."""
+    Unless `partitioned` or the inputs are half-precision, a bracket whose entries lie in at most
+    `_BLOCK_ROWS` rows is settled in those rows (`_settle_in_rows`)."""
     cdt = count_dtype()
     uint = layout.uint
     k = k.astype(cdt)
@@ -511,7 +512,10 @@ def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout, partitione
     def fast_threshold(tb):
         return _fast_threshold(tb, layout, fast_ok)
 
-    blocks = not partitioned
+    # Half-precision inputs (bfloat16, float16) sit on a coarse grid: their values and deltas repeat, T
+    # is tied thousands of times and brackets rarely hold few entries, so their kernels go without
+    # the settling branch, which adds ~0.4 s to a TIES kernel's compilation (2 CPU cores).
+    blocks = not partitioned and jnp.dtype(_parts(rows)[0].dtype).itemsize >= 4
 
     def few_entries(c_lo, c_hi):  # the bracket's entries fit the rows `_settle_in_rows` gathers
         return (c_lo - c_hi <= _BLOCK_ROWS) if blocks else jnp.bool_(False)
@@ -635,7 +639,8 @@ def _search(rows, bound_bits, fast_ok, n: int, k, layout: _BitLayout, partitione
     # one with few entries (a pass over a few rows); else a finishing pass over the tensor.
     branch = jnp.where(hi - lo <= 1, 2, jnp.where(few_entries(c_lo, c_hi), 3, jnp.where(
         c_lo == k, 0, jnp.where(c_hi == k - 1, 1, 2))))
-    return lax.switch(branch, (smallest_at_least, largest_below, bracket_closed, settle_in_rows), None)
+    branches = (smallest_at_least, largest_below, bracket_closed) + ((settle_in_rows,) if blocks else ())
+    return lax.switch(branch, branches, None)
 
 
 def _tie_cut_index(rows, threshold, count_ge, tied, k, layout: _BitLayout, partitioned: bool):
