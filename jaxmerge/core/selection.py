@@ -455,11 +455,13 @@ def _settle_in_rows(rows, lo, hi, c_hi, rows_lo, rows_hi, k, layout: _BitLayout)
     cdt = count_dtype()
     uint = layout.uint
     num_rows = _parts(rows)[0].shape[0]
-    in_row = rows_lo - rows_hi
-    # Rows holding entries of the bracket, in order; the index num_rows pads (gathers zeros, never counted).
-    index = jnp.nonzero(in_row > 0, size=_BLOCK_ROWS, fill_value=num_rows)[0]
-    valid = (index < num_rows)[:, None]
-    gathered = tuple(jnp.take(p, index, axis=0, mode="fill", fill_value=0) for p in _parts(rows))
+    row_ids = lax.iota(jnp.int32, num_rows)
+    # The rows holding entries of the bracket, first to last (`top_k` of a score that falls with the
+    # row index: it compiles in a fraction of `nonzero`'s time); scores of 0 pad (not counted).
+    score = jnp.where(rows_lo > rows_hi, num_rows - row_ids, 0)
+    held, index = lax.top_k(score, min(_BLOCK_ROWS, num_rows))
+    valid = (held > 0)[:, None]
+    gathered = tuple(p[index] for p in _parts(rows))
     bits = _magnitude_bits(gathered, layout)
     inside = valid & (bits >= lo) & (bits < hi)
     rank = k - c_hi  # T is the rank-th largest entry of the bracket, 1 <= rank <= its entries
@@ -480,7 +482,8 @@ def _settle_in_rows(rows, lo, hi, c_hi, rows_lo, rows_hi, k, layout: _BitLayout)
     threshold = lax.fori_loop(0, free_bits, keep_bit, prefix)
     count_ge = c_hi + count_at_least(threshold)
     tied_rows = jnp.sum(inside & (bits == threshold), axis=1, dtype=cdt)
-    tied = jnp.zeros((num_rows,), cdt).at[index].add(tied_rows, mode="drop")
+    # Back to every row: a sum over the gathered rows of one-hot rows (padding adds 0).
+    tied = jnp.sum(jnp.where(index[:, None] == row_ids, tied_rows[:, None], 0), axis=0, dtype=cdt)
     return threshold, count_ge, tied
 
 
