@@ -208,13 +208,9 @@ def test_the_search_snaps_to_sample_values_only_on_discrete_data(make, discrete)
     assert bool(selection._sample_start(rows, x.size, k, layout)[3]) is discrete
 
 
-def test_the_search_steps_onto_the_spikes_of_discrete_data(monkeypatch):
-    """bfloat16 deltas put most entries on a few values, T usually among them: the search reads them
-    from the sample (`_discrete_next_probe`). Secant steps alone took 63 probes for these 9 searches
-    (2 to 11 each); the sample's steps 27 (2 to 5); with the pair passes, which count t + 1 with t
-    after the first probe, 20 (2 to 3)."""
-    from ml_dtypes import bfloat16
-
+def _probes_per_search(monkeypatch, model_dtype) -> list[int]:
+    """The probes of 9 searches (3 noise levels x 3 densities) on the deltas `model - base` of 2048 x 2048
+    models stored in `model_dtype`, each search's T and count checked against a sort."""
     probes = []
     monkeypatch.setattr(selection, "_PROBE_HOOK", lambda *args: probes.append(args))
     # A fresh function: traced (and compiled) once here, with the hook in place.
@@ -222,16 +218,28 @@ def test_the_search_steps_onto_the_spikes_of_discrete_data(monkeypatch):
     counts = []
     for noise in (0.0005, 0.002, 0.01):
         rng = np.random.default_rng(1)
-        base = (0.02 * rng.standard_normal((2048, 2048))).astype(bfloat16)
-        tuned = (base.astype(np.float32) + noise * rng.standard_normal(base.shape)).astype(bfloat16)
+        base = (0.02 * rng.standard_normal((2048, 2048))).astype(model_dtype)
+        tuned = (base.astype(np.float32) + noise * rng.standard_normal(base.shape)).astype(model_dtype)
         x = tuned.astype(np.float32) - base.astype(np.float32)
         magnitudes = np.sort(np.abs(x).ravel())[::-1]
         for density in (0.05, 0.2, 0.5):
             k = int(density * x.size)
             probes.clear()
-            bits, _ = search(jnp.asarray(x), jnp.asarray(k, count_dtype()))
+            bits, count = search(jnp.asarray(x), jnp.asarray(k, count_dtype()))
             assert int(bits) == int(magnitudes[k - 1].view(np.uint32))
+            assert int(count) == int((np.abs(x) >= magnitudes[k - 1]).sum())
             counts.append(len(probes))
+    return counts
+
+
+def test_the_search_steps_onto_the_spikes_of_discrete_data(monkeypatch):
+    """bfloat16 deltas put most entries on a few values, T usually among them: the search reads them
+    from the sample (`_discrete_next_probe`). Secant steps alone took 63 probes for these 9 searches
+    (2 to 11 each); the sample's steps 27 (2 to 5); with the pair passes, which count t + 1 with t
+    after the first probe, 20 (2 to 3)."""
+    from ml_dtypes import bfloat16
+
+    counts = _probes_per_search(monkeypatch, bfloat16)
     assert max(counts) <= 4 and sum(counts) <= 24, counts
 
 
@@ -348,22 +356,7 @@ def test_the_search_settles_continuous_data_in_few_probes(monkeypatch):
     entries at a time (52 probes for these 9 searches, up to 9, each then a finishing pass or two).
     A count close to k now aims past it, and a bracket of at most 64 entries is settled in its rows:
     42 probes (4 to 5), no finishing pass."""
-    probes = []
-    monkeypatch.setattr(selection, "_PROBE_HOOK", lambda *args: probes.append(args))
-    search = jax.jit(lambda x, k: selection.kth_largest_magnitude_bits(x, k))
-    counts = []
-    for noise in (0.0005, 0.002, 0.01):
-        rng = np.random.default_rng(1)
-        base = (0.02 * rng.standard_normal((2048, 2048))).astype(np.float32)
-        x = (base + noise * rng.standard_normal(base.shape)).astype(np.float32) - base
-        magnitudes = np.sort(np.abs(x).ravel())[::-1]
-        for density in (0.05, 0.2, 0.5):
-            k = int(density * x.size)
-            probes.clear()
-            bits, count = search(jnp.asarray(x), jnp.asarray(k, count_dtype()))
-            assert int(bits) == int(magnitudes[k - 1].view(np.uint32))
-            assert int(count) == int((np.abs(x) >= magnitudes[k - 1]).sum())
-            counts.append(len(probes))
+    counts = _probes_per_search(monkeypatch, np.float32)
     assert max(counts) <= 6 and sum(counts) <= 45, counts
 
 
