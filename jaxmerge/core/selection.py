@@ -241,8 +241,9 @@ def row_counts_at_least_pair(rows, threshold_bits, layout: _BitLayout):
     Every term is a multiple of the gap and a row sum stays below 2**24 gaps
     (rows of at most `_PAIR_MAX_ROW` entries), so the scaled sum is exactly
     count(t) + 4096 * count(t_next), unpacked with integer operations. The
-    pass costs ~1.2x a single count (5632 x 2048 bfloat16 difference, 2 CPU
-    cores: 5.5 against 4.7 ms) and settles whether the bracket closes at t.
+    pass costs 1.2-1.5 single counts (a 5632 x 2048 bfloat16 difference, 2 CPU
+    cores: 5.5 ms inside a TIES kernel, against 3.7 ms) and settles whether the
+    bracket closes at t.
 
     Args:
       rows: as `row_counts_at_least` takes them, rows of at most `_PAIR_MAX_ROW` entries.
@@ -438,6 +439,27 @@ def _discrete_next_probe(t, c, k, moved_lo, lo, hi, secant_t, sample_bits, n: in
     return jnp.where(past_spike, t + 1, jnp.where(onto_spike, v, jnp.where(ranked_ok, ranked, secant_t)))
 
 
+def _largest_threshold(count_at_least, wanted, prefix, free_bits, uint):
+    """The largest pattern T that is `prefix` with its lowest `free_bits` bits set, such that
+    `count_at_least(T) >= wanted`: built one bit at a time from the top, one count per bit (the
+    count falls as T grows, so each bit is kept exactly where the count still reaches `wanted`).
+
+    Args:
+      count_at_least: pattern -> count of entries at or above it.
+      wanted: the count to reach.
+      prefix: the bits T is known to have, its lowest `free_bits` bits clear.
+      free_bits: int or int32 scalar, bits to search.
+      uint: the patterns' unsigned type.
+    """
+    one = jnp.ones((), uint)
+
+    def keep_bit(i, threshold):
+        candidate = threshold | lax.shift_left(one, (free_bits - 1 - i).astype(uint))
+        return jnp.where(count_at_least(candidate) >= wanted, candidate, threshold)
+
+    return lax.fori_loop(0, free_bits, keep_bit, prefix)
+
+
 def _settle_in_rows(rows, lo, hi, c_hi, rows_lo, rows_hi, k, layout: _BitLayout):
     """T and the search's results from the few rows that hold the bracket's entries.
 
@@ -469,17 +491,10 @@ def _settle_in_rows(rows, lo, hi, c_hi, rows_lo, rows_hi, k, layout: _BitLayout)
     def count_at_least(tb):
         return jnp.sum(inside & (bits >= tb), dtype=cdt)
 
-    # T shares lo's and hi's leading bits; the rest are set from the top while count(T) >= rank holds.
+    # T shares lo's and hi's leading bits; only the bits below them are searched.
     free_bits = jnp.asarray(8 * uint.itemsize, jnp.int32) - lax.clz(lo ^ hi).astype(jnp.int32)
-    prefix = lax.shift_right_logical(lo, free_bits.astype(uint))
-    prefix = lax.shift_left(prefix, free_bits.astype(uint))
-    one = jnp.ones((), uint)
-
-    def keep_bit(i, threshold):
-        candidate = threshold | lax.shift_left(one, (free_bits - 1 - i).astype(uint))
-        return jnp.where(count_at_least(candidate) >= rank, candidate, threshold)
-
-    threshold = lax.fori_loop(0, free_bits, keep_bit, prefix)
+    prefix = lax.shift_left(lax.shift_right_logical(lo, free_bits.astype(uint)), free_bits.astype(uint))
+    threshold = _largest_threshold(count_at_least, rank, prefix, free_bits, uint)
     count_ge = c_hi + count_at_least(threshold)
     tied_rows = jnp.sum(inside & (bits == threshold), axis=1, dtype=cdt)
     # Back to every row: a sum over the gathered rows of one-hot rows (padding adds 0).
@@ -743,13 +758,8 @@ def _bitwise_mask(x: jax.Array, k) -> jax.Array:
     bits = _magnitude_bits(tuple(p.reshape(-1) for p in parts), layout)
     width = 8 * layout.uint.itemsize - 1  # |x| has a clear sign bit
     wanted = jnp.maximum(k, 1)  # k == 0 keeps nothing below (no entry lies above the largest)
-    one = jnp.ones((), layout.uint)
-
-    def keep_bit(i, threshold):
-        candidate = threshold | lax.shift_left(one, (width - 1 - i).astype(layout.uint))
-        return jnp.where(jnp.sum(bits >= candidate, dtype=cdt) >= wanted, candidate, threshold)
-
-    threshold = lax.fori_loop(0, width, keep_bit, jnp.zeros((), layout.uint))
+    threshold = _largest_threshold(lambda tb: jnp.sum(bits >= tb, dtype=cdt), wanted, jnp.zeros((), layout.uint),
+                                   width, layout.uint)
     above = bits > threshold
     tied = bits == threshold
     need = k - jnp.sum(above, dtype=cdt)  # 0 <= need: fewer than `wanted` entries lie above T
