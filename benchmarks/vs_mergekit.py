@@ -1,14 +1,14 @@
 """Whole-model merges: `jaxmerge merge` against mergekit 0.1.5 on the same models and recipe.
 
     python -m benchmarks.vs_mergekit [--sizes llama] [--dtypes float32] [--methods ties]
-                                     [--rounds 3] [--baseline DIR]
+                                     [--rounds 3] [--baseline DIR] [--cuda]
 
 Builds Llama-shaped models offline with transformers (a base and three
 fine-tunes: base + small noise), writes one mergekit recipe per method, and
 runs, taking turns round by round (this VM drifts by up to 25% between
 stretches, and other jobs may share its cores):
 
-* mergekit-yaml (CPU);
+* mergekit-yaml (on the CPU; with `--cuda`, `mergekit-yaml --cuda`);
 * the warm I/O floor (`benchmarks.floor`): read every input once, write one
   output-sized file the way jaxmerge writes its shards, fsync included; after
   mergekit, as jaxmerge runs, while the host takes back mergekit's memory;
@@ -37,6 +37,12 @@ default depth (overlapped): the in-process steady state, compilation excluded
 
 The load average (`os.getloadavg`) before and after each configuration is
 recorded: other processes on the machine slow every tool.
+
+Devices: without `--cuda` both tools compute on the CPU, jaxmerge too on a
+machine with a GPU (JAX_PLATFORMS=cpu). With `--cuda` mergekit does its
+arithmetic on the GPU (`--cuda`) and jaxmerge runs on JAX's CUDA backend
+(JAX_PLATFORMS=cuda); the benchmark first checks, in a child process, that
+torch and JAX both see a GPU, and stops with one line saying which does not.
 
 Results go to benchmarks/results/vs_mergekit.json, a Markdown table beside it
 (vs_mergekit.md), and stdout.
@@ -224,10 +230,47 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def machine_line() -> str:
-    """What the results tables say about the machine: CPU model, architecture, usable cores."""
+def machine_line(gpu: str | None = None) -> str:
+    """What the results tables say about the machine: CPU model, architecture, usable cores, and the GPU
+    both tools computed on (`gpu_name`), else "CPU only"."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu_name()}, {platform.machine()}, {cores} cores, CPU only"
+    return f"{cpu_name()}, {platform.machine()}, {cores} cores, " + (f"GPU {gpu}" if gpu else "CPU only")
+
+
+_GPU_CHECK = textwrap.dedent(
+    """
+    import json
+    import jax, torch
+    gpus = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
+    print(json.dumps({"torch": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                      "jax": gpus[0].device_kind if gpus else None, "jax_backend": jax.default_backend()}))
+    """
+)
+
+
+def gpu_name() -> str:
+    """The GPU that `--cuda` runs both tools on, checked in a child process (as the tools will see it).
+
+    Raises:
+      SystemExit: one line naming the tool that sees no GPU (torch for mergekit, JAX for jaxmerge).
+    """
+    env = {k: v for k, v in _clean_env().items() if k != "JAX_PLATFORMS"}
+    result = subprocess.run([sys.executable, "-c", _GPU_CHECK], capture_output=True, text=True, env=env, cwd=REPO)
+    if result.returncode:
+        raise SystemExit(f"--cuda: checking for a GPU failed: {result.stderr.strip().splitlines()[-1:]}")
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    if seen["torch"] is None:
+        raise SystemExit("--cuda: torch sees no GPU (torch.cuda.is_available() is False), so mergekit would run on "
+                         "the CPU; install a CUDA build of torch")
+    if seen["jax"] is None:
+        raise SystemExit(f"--cuda: JAX has no GPU backend (jax.default_backend() is {seen['jax_backend']!r}), so "
+                         "jaxmerge would run on the CPU; install jax[cuda12]")
+    return seen["torch"]
+
+
+def device_env(env: dict, cuda: bool) -> dict:
+    """`env` with JAX on the device under test: the CPU (also where a GPU exists), or CUDA with `--cuda`."""
+    return {**env, "JAX_PLATFORMS": "cuda" if cuda else "cpu"}
 
 
 def weight_files(model: Path) -> list[Path]:
@@ -238,9 +281,9 @@ def jaxmerge_cmd(recipe: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "jaxmerge", "merge", str(recipe), "--output", str(out), "--force", "--quiet"]
 
 
-def mergekit_cmd(recipe: Path, out: Path) -> list[str]:
+def mergekit_cmd(recipe: Path, out: Path, cuda: bool = False) -> list[str]:
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
-    return [exe, str(recipe), str(out), "--quiet", "--random-seed", "0"]
+    return [exe, str(recipe), str(out), "--quiet", "--random-seed", "0"] + (["--cuda"] if cuda else [])
 
 
 def _clean_env() -> dict:
@@ -307,10 +350,10 @@ _IN_PROCESS = textwrap.dedent(
 )
 
 
-def in_process(recipe: Path, out: Path, reps: int, depths: list[int]) -> dict:
+def in_process(recipe: Path, out: Path, reps: int, depths: list[int], cuda: bool = False) -> dict:
     """Per depth, the profiles of `reps` merges in one process after a warm-up merge."""
     result = subprocess.run([sys.executable, "-c", _IN_PROCESS, str(recipe), str(out), str(reps), ",".join(map(str, depths))],
-                            capture_output=True, text=True, env=cache_env(None), cwd=REPO)
+                            capture_output=True, text=True, env=device_env(cache_env(None), cuda), cwd=REPO)
     if result.returncode:
         raise SystemExit(f"in-process merges failed: {result.stderr[-2000:]}")
     return {int(d): runs for d, runs in json.loads(result.stdout.strip().splitlines()[-1]).items()}
@@ -321,7 +364,8 @@ def median_profile(profiles: list[dict]) -> dict:
     return {k: float(np.median([p[k] for p in profiles if k in p])) for k in keys}
 
 
-def bench(root: Path, size: str, dtype: str, method: str, rounds: int, baseline: Path | None, reps: int) -> dict:
+def bench(root: Path, size: str, dtype: str, method: str, rounds: int, baseline: Path | None, reps: int,
+          cuda: bool = False) -> dict:
     load_before = os.getloadavg()
     base, models = build_models(root, size, dtype)
     recipe = root / f"{size}-{dtype}-{method}.yml"
@@ -329,9 +373,9 @@ def bench(root: Path, size: str, dtype: str, method: str, rounds: int, baseline:
     files = [f for m in recipe_models(recipe) for f in weight_files(m)]  # the floor reads what the merge reads
     out_j, out_m = root / "out-jaxmerge", root / "out-mergekit"
     profile_file = root / "profile.json"
-    env_nocache = cache_env(None)
+    env_nocache = device_env(cache_env(None), cuda)
     cache = Path(tempfile.mkdtemp(prefix="jaxmerge-cc-"))
-    env_cache = cache_env(cache)
+    env_cache = device_env(cache_env(cache), cuda)
     env_baseline = {**env_nocache, "PYTHONPATH": str(baseline)} if baseline else None
     # First runs (the page cache is warm for both): no cache at all, then filling an empty cache.
     io_floor_in_child(files, root / "floor.bin")
@@ -347,7 +391,7 @@ def bench(root: Path, size: str, dtype: str, method: str, rounds: int, baseline:
         # Every timed run starts with the inputs in the page cache (see `warm_page_cache`) and writes a
         # new output, as the floor writes a new file (`remove_output`).
         remove_output(out_m)
-        w, p = run_child(mergekit_cmd(recipe, out_m), env_nocache)
+        w, p = run_child(mergekit_cmd(recipe, out_m, cuda), env_nocache)
         walls["mergekit"].append(w), peaks["mergekit"].append(p)
         # The floor where jaxmerge runs, after mergekit: the host is still taking back mergekit's memory
         # (up to 12 GB) then, which slows every process; measured before mergekit it was the faster.
@@ -367,7 +411,7 @@ def bench(root: Path, size: str, dtype: str, method: str, rounds: int, baseline:
             warm_page_cache(files)
             w, p = run_child(jaxmerge_cmd(recipe, out_j), env_baseline, cwd=baseline)
             walls["baseline"].append(w), peaks["baseline"].append(p)
-    steady = in_process(recipe, out_j, reps, [0, 2]) if reps else {}
+    steady = in_process(recipe, out_j, reps, [0, 2], cuda) if reps else {}
     shutil.rmtree(cache, ignore_errors=True)
     load_after = os.getloadavg()
     med = {k: float(np.median(v)) for k, v in walls.items()}
@@ -483,7 +527,10 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default=None, help="a jaxmerge source tree to time as well (PYTHONPATH)")
     parser.add_argument("--dir", default="/tmp/jaxmerge-vs-mergekit")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/vs_mergekit.json)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="both tools on the GPU: mergekit-yaml --cuda, jaxmerge on JAX's CUDA backend")
     args = parser.parse_args(argv)
+    gpu = gpu_name() if args.cuda else None  # before any model is built
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     baseline = Path(args.baseline).resolve() if args.baseline else None
@@ -491,12 +538,12 @@ def main(argv=None) -> int:
         if tree is not None:
             byte_compile(tree)
     rows = [
-        bench(root, size, dtype, method, args.rounds, baseline, args.reps)
+        bench(root, size, dtype, method, args.rounds, baseline, args.reps, args.cuda)
         for size in args.sizes.split(",") for dtype in args.dtypes.split(",") for method in args.methods.split(",")
     ]
     out = Path(args.output or Path(__file__).parent / "results" / "vs_mergekit.json")
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": machine_line(),
+        "date": time.strftime("%Y-%m-%d"), "machine": machine_line(gpu), "cuda": args.cuda,
         "command": "python -m benchmarks.vs_mergekit " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rounds": args.rounds, "reps": args.reps, "baseline": str(baseline) if baseline else None, "rows": rows,
     }

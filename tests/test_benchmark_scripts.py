@@ -387,3 +387,54 @@ def test_the_cold_reads_result_has_a_table_of_its_own(monkeypatch):
     page = generate._bench_cold_reads(data)
     assert "| read ahead | 12.500 | 12.50, 12.40, 13.00 |" in page
     assert "1.28x faster than without" in page and "1.79x the I/O floor" in page
+
+
+def test_vs_mergekit_runs_both_tools_on_the_device_under_test():
+    """Without `--cuda` jaxmerge is held to the CPU (also where a GPU exists) and mergekit gets no `--cuda`; with
+    it, mergekit-yaml computes on the GPU and JAX runs on its CUDA backend."""
+    from benchmarks.vs_mergekit import device_env, machine_line, mergekit_cmd
+
+    recipe, out = Path("r.yml"), Path("out")
+    assert "--cuda" not in mergekit_cmd(recipe, out)
+    assert mergekit_cmd(recipe, out, cuda=True)[-1] == "--cuda"
+    assert device_env({"A": "1"}, cuda=False) == {"A": "1", "JAX_PLATFORMS": "cpu"}
+    assert device_env({"JAX_PLATFORMS": "cpu"}, cuda=True)["JAX_PLATFORMS"] == "cuda"
+    assert machine_line().endswith("CPU only") and machine_line("NVIDIA H100").endswith("GPU NVIDIA H100")
+
+
+def test_vs_mergekit_cuda_stops_before_building_models_where_no_gpu_is_seen(tmp_path, capsys):
+    """`--cuda` on a machine where torch or JAX sees no GPU stops with one line naming which, before any model
+    is built (the benchmark would otherwise time the CPU and call it the GPU)."""
+    import torch
+
+    from benchmarks import vs_mergekit
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the check passes where torch sees one (JAX's side is then the question)")
+    with pytest.raises(SystemExit) as stop:
+        vs_mergekit.main(["--cuda", "--dir", str(tmp_path / "work"), "--output", str(tmp_path / "r.json")])
+    message = str(stop.value)
+    assert message.startswith("--cuda: torch sees no GPU") and len(message.splitlines()) == 1, message
+    assert not (tmp_path / "work").exists() and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("seen, expected", [
+    ({"torch": None, "jax": "H100", "jax_backend": "gpu"}, "--cuda: torch sees no GPU"),
+    ({"torch": "NVIDIA H100", "jax": None, "jax_backend": "cpu"}, "--cuda: JAX has no GPU backend (jax.default_backend() is 'cpu')"),
+    ({"torch": "NVIDIA H100", "jax": "NVIDIA H100", "jax_backend": "gpu"}, None),
+], ids=["no-torch-gpu", "no-jax-gpu", "both"])
+def test_vs_mergekit_gpu_check_names_the_tool_that_sees_no_gpu(monkeypatch, seen, expected):
+    """`gpu_name` reads what a child process's torch and JAX see: the GPU's name, or one line naming the tool
+    that would have run on the CPU."""
+    import subprocess
+
+    from benchmarks import vs_mergekit
+
+    monkeypatch.setattr(vs_mergekit.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 0, stdout="some log line\n" + json.dumps(seen) + "\n", stderr=""))
+    if expected is None:
+        assert vs_mergekit.gpu_name() == "NVIDIA H100"
+        return
+    with pytest.raises(SystemExit) as stop:
+        vs_mergekit.gpu_name()
+    assert str(stop.value).startswith(expected) and len(str(stop.value).splitlines()) == 1, stop.value
