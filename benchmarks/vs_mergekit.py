@@ -257,7 +257,8 @@ def gpu_name() -> str:
     env = {k: v for k, v in _clean_env().items() if k != "JAX_PLATFORMS"}
     result = subprocess.run([sys.executable, "-c", _GPU_CHECK], capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode:
-        raise SystemExit(f"--cuda: checking for a GPU failed: {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"--cuda: checking for a GPU failed: {last}")
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     if seen["torch"] is None:
         raise SystemExit("--cuda: torch sees no GPU (torch.cuda.is_available() is False), so mergekit would run on "

@@ -29,7 +29,7 @@ def gpu_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     result = subprocess.run([sys.executable, "-c", _BACKEND], capture_output=True, text=True, env=env, timeout=300)
     if result.returncode:
-        pytest.skip(f"JAX did not start in a child process: {result.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(f"JAX did not start in a child process: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     backend, kinds = json.loads(result.stdout.strip().splitlines()[-1])
     if backend != "gpu":
         pytest.skip(f"no GPU for JAX in this environment (jax.default_backend() is {backend!r}; a GPU and "
