@@ -112,3 +112,38 @@ def test_leaving_early_stops_the_thread_and_releases_every_waiter():
         release.set()
     ahead.wait("never")  # returns: released although never prepared
 
+
+
+def _row_counts(x, *, exact):
+    return (x >= 3).sum(axis=1, dtype=jnp.uint32)
+
+
+def test_exact_sums_run_on_the_cpu_without_the_tree_rewrite_and_give_the_same_bits():
+    """A call its kernel declares exact (`kernel(exact_sums=...)`) runs the program compiled without XLA:CPU's
+    tree-reduction rewrite; other calls run the default one; both give the same bits on exact sums."""
+    fn = kernel(_row_counts, static_argnames="exact", exact_sums=lambda args, kwargs: kwargs["exact"])
+    exact_program, default_program = fn._exact_sums[0], fn._jitted
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 8, (16, 4096)).astype(np.float32))
+    result = fn(x, exact=True)
+    assert exact_program._cache_size() == 1 and default_program._cache_size() == 0
+    np.testing.assert_array_equal(result, default_program(x, exact=True))
+    fn(x, exact=False)
+    assert exact_program._cache_size() == 1 and default_program._cache_size() == 2
+    # The default program sums each long row as a tree of windows; the exact one does not.
+    assert "reduce-window" in default_program.lower(x, exact=True).compile().as_text()
+    assert "reduce-window" not in fn.lower(x, exact=True).compile().as_text()
+
+
+def test_exact_sums_inside_another_jit_and_compiled_ahead():
+    """Traced inside another function the default program serves (a nested jit takes no compiler options);
+    compiled ahead on abstract inputs, the program a real call then runs is the one prepared."""
+    fn = kernel(_row_counts, static_argnames="exact", exact_sums=lambda args, kwargs: kwargs["exact"])
+    x = np.ones((8, 3000), np.float32)
+    np.testing.assert_array_equal(jax.jit(lambda x: fn(x + 2, exact=True) * 2)(x), np.full(8, 6000))
+    abstract = jax.ShapeDtypeStruct((9, 3001), jnp.float32)
+    with Compiles() as ahead, compiling_ahead():
+        jax.eval_shape(lambda x: fn(x, exact=True), abstract)
+    assert ahead.count == 1
+    with Compiles() as real:
+        np.testing.assert_array_equal(fn(np.full((9, 3001), 3, np.float32), exact=True), np.full(9, 3001))
+    assert real.count == 0

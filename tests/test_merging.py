@@ -342,3 +342,37 @@ def test_ties_with_a_base_writes_out_no_task_vector(semantics, counts):
         compiled = jax.jit(merge).lower((model,) * 3, model, jax.ShapeDtypeStruct((3,), jnp.uint32)).compile()
     float32_task = 4 * shape[0] * shape[1]
     assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * float32_task
+
+
+def test_which_merge_kernels_count_their_sums_exactly():
+    """The merge kernel skips XLA:CPU's tree-reduction rewrite (`kernel(exact_sums=...)`) only where its one
+    sum over entries is the magnitude selection's count: magnitude and band pruning without the L1 rescale."""
+    from jaxmerge.core.merging import PEFT_TIES, Rule, _sums_are_exact
+
+    exact = [PEFT_TIES, Rule(sparsify="magnitude"), Rule(sparsify="band", consensus="total", vote="weighted"),
+             Rule(sparsify="magnitude", consensus="frequency", divide="weights")]
+    not_exact = [Rule(), Rule(sparsify="random", rescale="inverse_density"), Rule(sparsify="random", rescale="l1"),
+                 Rule(sparsify="magnitude", rescale="l1"), Rule(sparsify="della", consensus="total")]
+    assert all(_sums_are_exact((), {"rule": r}) for r in exact)
+    assert not any(_sums_are_exact((), {"rule": r}) for r in not_exact)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("sparsify", ["magnitude", "band"])
+def test_the_exact_sums_merge_kernel_gives_the_default_kernels_bits(dtype, sparsify):
+    """TIES (and breadcrumbs-TIES) with a base, compiled with and without the tree-reduction rewrite, on
+    models whose deltas tie at the threshold: the same bytes."""
+    from jaxmerge.core.merging import Rule, _merge_kernel
+
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((300, 700)).astype(np.float32)
+    models = tuple(jnp.asarray(base + 0.01 * rng.integers(-3, 4, base.shape), dtype) for _ in range(3))
+    rule = Rule(sparsify=sparsify, consensus="total", vote="weighted", divide="weights")
+    k = np.full(3, int(0.2 * base.size), np.uint32)
+    args = (models, np.asarray([1.0, 0.5, 0.7], np.float32), np.full(3, 0.2, np.float32), k,
+            np.full(3, int(0.01 * base.size), np.uint32), np.zeros(3, np.float32), np.float32(1), None,
+            jnp.asarray(base, dtype))
+    exact_program, default_program = _merge_kernel._exact_sums[0], _merge_kernel._jitted
+    got = np.asarray(_merge_kernel(*args, rule=rule))
+    assert exact_program._cache_size() >= 1  # the call above ran the exact-sums program
+    np.testing.assert_array_equal(got, np.asarray(default_program(*args, rule=rule)))

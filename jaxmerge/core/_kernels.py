@@ -20,6 +20,14 @@ The kernel boundary is also where arrays sharded on a mesh with explicit axes
 automatic partitioning: they are run on the same mesh with auto axes
 (`sharding.auto_axes`; same devices and shards) and the results are handed
 back on the caller's mesh.
+
+A kernel may also declare when its sums are exact (`kernel(exact_sums=...)`):
+those calls run on the CPU without XLA:CPU's tree-reduction rewrite, which
+splits every long reduction into a tree of short ones so that float sums round
+less. Where every sum is exact (the magnitude selection's counts: integers, or
+multiples of one power of two, below 2**24) the order cannot change a bit, and
+the program compiles ~20% faster (a TIES kernel of 3 models of 704 x 16384
+bfloat16 entries: 0.80 s against 1.00 s on 2 cores; its run time unchanged).
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ import jax
 from jaxmerge.core.sharding import auto_axes, explicit_mesh, onto_mesh
 
 _AHEAD = contextvars.ContextVar("jaxmerge_compiling_ahead", default=False)
+
+# XLA:CPU's passes skipped where a kernel's sums are exact (see the module docstring).
+EXACT_SUMS_OPTIONS = {"xla_disable_hlo_passes": "tree_reduction_rewriter"}
 
 
 @contextlib.contextmanager
@@ -56,11 +67,38 @@ def _abstract(value: Any) -> Any:
 
 
 class Kernel:
-    """A `jax.jit`-ed function that compiles itself ahead when called inside `compiling_ahead()`."""
+    """A `jax.jit`-ed function that compiles itself ahead when called inside `compiling_ahead()`.
 
-    def __init__(self, jitted: Callable[..., Any]):
+    Args:
+      jitted: the jitted function.
+      exact_sums: None, or `(jitted, exact)`: the same function jitted with `EXACT_SUMS_OPTIONS`, and a
+        predicate on a call's `(args, kwargs)` saying that all its sums are exact; such calls on the CPU
+        run that one, unless they are traced inside another function (a nested jit takes no compiler
+        options: XLA compiles the outer function as one program).
+    """
+
+    def __init__(self, jitted: Callable[..., Any],
+                 exact_sums: tuple[Callable[..., Any], Callable[[tuple, dict], bool]] | None = None):
         self._jitted = jitted
+        self._exact_sums = exact_sums
         functools.update_wrapper(self, jitted)
+
+    def _for(self, args: tuple, kwargs: dict, top_level: bool = False) -> Callable[..., Any]:
+        """The jitted function that runs (or, `top_level`, is lowered for) a call with these arguments."""
+        if self._exact_sums is None:
+            return self._jitted
+        jitted, exact = self._exact_sums
+        leaves = jax.tree_util.tree_leaves((args, kwargs))
+        if not top_level and any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return self._jitted
+        if not exact(args, kwargs):
+            return self._jitted
+        placed = [x for x in leaves if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
+        if placed:
+            on_cpu = all(d.platform == "cpu" for x in placed for d in x.devices())
+        else:  # host values, abstract values: they run on the default backend
+            on_cpu = jax.default_backend() == "cpu"
+        return jitted if on_cpu else self._jitted
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         explicit = explicit_mesh(jax.tree_util.tree_leaves((args, kwargs)))
@@ -69,15 +107,20 @@ class Kernel:
             args, kwargs = onto_mesh((args, kwargs), auto_axes(explicit))
             return onto_mesh(self(*args, **kwargs), explicit)
         if not _AHEAD.get():
-            return self._jitted(*args, **kwargs)
+            return self._for(args, kwargs)(*args, **kwargs)
         # Kernels called inside this one are part of its executable: only the outermost compiles.
         token = _AHEAD.set(False)
         try:
             abstract_args, abstract_kwargs = jax.tree_util.tree_map(_abstract, (args, kwargs))
-            self._jitted.lower(*abstract_args, **abstract_kwargs).compile()
-            return self._jitted(*args, **kwargs)
+            # The executable the later call with arrays of these shapes runs (`top_level`: that call's).
+            self._for(args, kwargs, top_level=True).lower(*abstract_args, **abstract_kwargs).compile()
+            return self._for(args, kwargs)(*args, **kwargs)
         finally:
             _AHEAD.reset(token)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """`jax.jit(...).lower` of the jitted function that a call with arrays of these shapes runs."""
+        return self._for(args, kwargs, top_level=True).lower(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._jitted, name)
@@ -86,16 +129,22 @@ class Kernel:
         return f"kernel({self._jitted!r})"
 
 
-def kernel(fn: Callable[..., Any] | None = None, /, **jit_options: Any):
+def kernel(fn: Callable[..., Any] | None = None, /, *, exact_sums: Callable[[tuple, dict], bool] | None = None,
+           **jit_options: Any):
     """`jax.jit(fn, **jit_options)` that can compile ahead (see the module docstring); a decorator.
 
     Args:
       fn: the function; None returns a decorator taking it (`@kernel(static_argnames=...)`).
+      exact_sums: optional predicate on a call's `(args, kwargs)`: every sum the call computes is exact,
+        so on the CPU it may skip the tree-reduction rewrite (`EXACT_SUMS_OPTIONS`) and compile faster.
       **jit_options: passed to `jax.jit` (`static_argnames`, ...).
 
     Returns:
       A `Kernel`: called like the jitted function.
     """
     if fn is None:
-        return functools.partial(kernel, **jit_options)
-    return Kernel(jax.jit(fn, **jit_options))
+        return functools.partial(kernel, exact_sums=exact_sums, **jit_options)
+    variant = None
+    if exact_sums is not None:
+        variant = (jax.jit(fn, **jit_options, compiler_options=EXACT_SUMS_OPTIONS), exact_sums)
+    return Kernel(jax.jit(fn, **jit_options), variant)

@@ -63,7 +63,15 @@ class Rule:
 PEFT_TIES = Rule(sparsify="magnitude", consensus="total", vote="pruned", divide="count")
 
 
-@kernel(static_argnames=("rule", "partitioned"))
+def _sums_are_exact(args: tuple, kwargs: dict) -> bool:
+    """A merge kernel call whose only sums over entries are the magnitude selection's exact counts: magnitude
+    or band (breadcrumbs) sparsification without the L1 rescale; sign election and the disjoint merge sum
+    across tasks, entry by entry (`kernel(exact_sums=...)`)."""
+    rule = kwargs["rule"]
+    return rule.sparsify in ("magnitude", "band") and rule.rescale is None
+
+
+@kernel(static_argnames=("rule", "partitioned"), exact_sums=_sums_are_exact)
 def _merge_kernel(tasks, weights, density, k, k_top, epsilon, lam, key, base=None, *, rule: Rule, partitioned=False):
     """The one merge kernel: sparsify each task, weight, then a sum or TIES' disjoint merge.
 
