@@ -193,3 +193,18 @@ def test_random_words_defer_to_jax_for_other_keys_and_counters():
         assert not _random._computes_jax_bits(key, 100)
         np.testing.assert_array_equal(
             np.asarray(_random.random_words(key, (4, 33))), np.asarray(jax.random.bits(key, (4, 33), jnp.uint32)))
+
+
+def test_magnitude_pruning_compiles_without_the_tree_rewrite_and_gives_the_same_bits():
+    """`magnitude_based_pruning`'s kernel sums only the selection's exact counts, so on the CPU it runs the
+    program compiled without XLA's tree-reduction rewrite (`kernel(exact_sums=...)`): the same bits as the
+    default program, ties at the threshold included."""
+    from jaxmerge.core import pruning
+    from jaxmerge.core.selection import density_to_k
+
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((301, 703)).round(1), jnp.float32)  # a shape of its own
+    exact_program = pruning._magnitude_kernel._exact_sums[0]
+    before = exact_program._cache_size()
+    got = pruning.magnitude_based_pruning(x, 0.3)
+    assert exact_program._cache_size() == before + 1
+    np.testing.assert_array_equal(got, pruning._magnitude_kernel._jitted(x, density_to_k(0.3, x.size), False))

@@ -201,7 +201,12 @@ def della_drop(x: jax.Array, density, epsilon, key: jax.Array) -> jax.Array:
     return kept.reshape(x.shape)
 
 
-@kernel(static_argnames=("partitioned",))
+def _always(args: tuple, kwargs: dict) -> bool:
+    return True
+
+
+# Its only sums are the selection's exact counts (`kernel(exact_sums=...)`).
+@kernel(static_argnames=("partitioned",), exact_sums=_always)
 def _magnitude_kernel(x, k, partitioned=False):
     return keep_top_k_magnitude(x, k, partitioned)
 
