@@ -113,7 +113,6 @@ def test_leaving_early_stops_the_thread_and_releases_every_waiter():
     ahead.wait("never")  # returns: released although never prepared
 
 
-
 def _row_counts(x, *, exact):
     return (x >= 3).sum(axis=1, dtype=jnp.uint32)
 
