@@ -11,16 +11,18 @@ compared to a few units in the last place.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
-_BACKEND = "import jax, json; print(json.dumps([jax.default_backend(), [d.device_kind for d in jax.devices()]]))"
+import tiny_models as tm
+
+_BACKEND = "import jax; print(jax.default_backend())"
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +32,11 @@ def gpu_env() -> dict:
     result = subprocess.run([sys.executable, "-c", _BACKEND], capture_output=True, text=True, env=env, timeout=300)
     if result.returncode:
         pytest.skip(f"JAX did not start in a child process: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-    backend, kinds = json.loads(result.stdout.strip().splitlines()[-1])
+    backend = result.stdout.strip().splitlines()[-1]
     if backend != "gpu":
         pytest.skip(f"no GPU for JAX in this environment (jax.default_backend() is {backend!r}; a GPU and "
                     "jax[cuda12] are needed)")
     return {**env, "JAX_PLATFORMS": "cuda"}
-
-
-def _checkpoints(root: Path, dtype: str) -> list[Path]:
-    """A base and three fine-tunes (base + small noise) of two tensors, safetensors files."""
-    import ml_dtypes
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-    base = {"w": rng.standard_normal((300, 70)), "v": rng.standard_normal(37)}
-    paths = []
-    for i in range(4):
-        tensors = {k: (x + (0.05 * rng.standard_normal(x.shape) if i else 0)).astype(np_dtype) for k, x in base.items()}
-        paths.append(root / f"m{i}.safetensors")
-        save_file(tensors, str(paths[-1]))
-    return paths
 
 
 def _merge(args: list[str], out: Path, env: dict) -> dict[str, np.ndarray]:
@@ -66,7 +52,9 @@ def _merge(args: list[str], out: Path, env: dict) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp", "linear"])
 def test_a_merge_on_the_gpu_equals_the_cpus(gpu_env, tmp_path, method, dtype):
-    base, *models = (str(p) for p in _checkpoints(tmp_path, dtype))
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    base, *models = (str(p) for p in tm.write_safetensors_models(tmp_path / "in", 4, {"w": (300, 70), "v": (37,)},
+                                                                 dtype=np_dtype))
     args = {
         "ties": [*models, "--base", base, "--method", "ties", "--density", "0.3"],
         "dare_ties": [*models, "--base", base, "--method", "dare_ties", "--density", "0.3", "--seed", "3"],
